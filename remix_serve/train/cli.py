@@ -1,0 +1,102 @@
+"""`remix-train`: command-line front end of `remix_serve.train.trainer.train`.
+
+    remix-train --base smollm2-135m --data train.jsonl --eval-data eval.jsonl --out ./ckpt \
+        --loras 8 --top-k 2 --rank 8 --samples 4
+
+Exit status: 0 when done; 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped training early,
+after the last finished step was written; 2 on bad arguments or data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+
+from remix_serve.checkpoint import PROJECTIONS, CheckpointError
+from remix_serve.train.data import DataError
+from remix_serve.train.trainer import TrainArgs
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """'all' -> None; '20-29' -> [20..29]; '0,2,4' -> [0, 2, 4]; ranges and lists combine ('0-3,8')."""
+    if text == "all":
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return sorted(set(out))
+
+
+def parse_targets(text: str) -> list[str]:
+    names = [t for t in text.split(",") if t]
+    bad = [t for t in names if t not in PROJECTIONS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown projection(s) {bad}; known: {', '.join(PROJECTIONS)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainArgs(base="", data="", out="")  # defaults live in one place: the dataclass
+    p = argparse.ArgumentParser(prog="remix-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--base", help="bundled base name (smollm2-135m) or a Hugging Face model folder")
+    p.add_argument("--data", required=True, help='JSONL: {"prompt","completion"} or {"messages": [...]} per line')
+    p.add_argument("--eval-data", help="held-out JSONL (periodic eval loss, usage heatmap)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (replaced atomically)")
+    p.add_argument("--router", choices=["remix", "softmax", "lora"], default=d.router,
+                   help="remix (RLOO), softmax (MixLoRA-style baseline) or lora (n = k = 1)")  # fmt: skip
+    p.add_argument("--loras", type=int, default=d.loras, help="n: LoRAs per adapted layer")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="k: LoRAs per token")
+    p.add_argument("--rank", type=int, default=d.rank, help="r: LoRA rank")
+    p.add_argument("--samples", type=int, default=d.samples, help="M: routed passes per example (remix; >= 2)")
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--omega-rule", choices=["lora", "rslora"], default=d.omega_rule,
+                   help="omega = alpha/(k r) (lora) or alpha/sqrt(k r) (rslora)")  # fmt: skip
+    p.add_argument("--target-modules", type=parse_targets, default=d.target_modules,
+                   help="comma list of gate_proj,up_proj,down_proj")  # fmt: skip
+    p.add_argument("--layers", type=parse_layers, default=None, help="adapted layers: all, 20-29, 0,2,4")
+    p.add_argument("--lr", type=float, default=d.lr, help="LoRA learning rate")
+    p.add_argument("--router-lr", type=float, default=None, help="router learning rate (default: --lr)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-step")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch,
+                   help="most sequences (examples x M) per forward; 0 = whole batch")  # fmt: skip
+    p.add_argument("--max-len", type=int, default=d.max_len, help="longer examples are data errors")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=d.dtype, help="adapter dtype")
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evals (0: ~4 per run)")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--resume", help="continue from this checkpoint (its config wins over the flags above)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPUs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ns = build_parser().parse_args(argv)
+    if not ns.base and not ns.resume:
+        build_parser().error("--base is required (unless --resume)")
+    fields = vars(ns)
+    progress = not fields.pop("no_progress")
+    args = TrainArgs(**fields, progress=progress, command=shlex.join(["remix-train", *argv]))
+    from remix_serve.train.trainer import train
+
+    try:
+        result = train(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"remix-train: error:\n{e}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.path} (step {result.steps})")
+    if result.stopped_by:
+        return 128 + signal.Signals[result.stopped_by].value
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

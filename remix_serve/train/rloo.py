@@ -1,0 +1,46 @@
+"""The ReMix training loss: per-example NLL of M routed passes, and the RLOO surrogate that trains the routers.
+
+Shapes: B examples, M selections per example (METHOD.md, "Training"); the M passes of an example are rows
+`b*M .. b*M+M-1` of one forward over B*M sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from remix_serve.train.data import IGNORE
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL of each sequence's supervised tokens: logits `[S, T, V]`, labels `[S, T]` -> `[S]` float32.
+
+    Position t predicts token t+1 (the HF causal-LM shift). Every sequence must have a supervised token.
+    """
+    target = labels[:, 1:]  # [S, T-1]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="none")
+    nll = nll.view_as(target)  # [S, T-1], 0 where ignored
+    return nll.sum(-1) / (target != IGNORE).sum(-1)
+
+
+def rloo_router_loss(losses: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """RLOO surrogate for the routers: `mean_b 1/(M-1) sum_m stopgrad(L_bm - Lbar_b) * log Q_bm`.
+
+    Its gradient is the RLOO estimate of grad_P E[L] (METHOD.md). The leave-one-out baseline of pass m is the mean
+    of the *other* M-1 passes; `L_m - mean_{j != m} L_j = M/(M-1) (L_m - Lbar)`, so averaging over m gives the
+    1/(M-1) factor below. Centring on Lbar alone (the sample in its own baseline) would shrink the gradient by
+    (M-1)/M: biased. The router input x is detached inside log Q (reference.RemixMLP.route), so this term
+    reaches the routers P only, never the LoRAs or earlier layers.
+
+    Args:
+        losses: `[B, M]` per-pass mean token NLL L_bm (its graph is not used here).
+        log_q: `[B, M]` Plackett-Luce log-probability of each pass's selection, summed over layers and tokens.
+
+    Returns:
+        scalar surrogate; its value is not a loss (its expectation is 0), only its gradient matters.
+    """
+    M = losses.shape[1]
+    if M < 2:
+        raise ValueError(f"RLOO needs M >= 2 selections per example, got M={M}")
+    advantage = (losses - losses.mean(dim=1, keepdim=True)).detach()  # [B, M]
+    return (advantage * log_q).sum(dim=1).mean() / (M - 1)

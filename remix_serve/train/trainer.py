@@ -1,0 +1,392 @@
+"""The remix-train recipe: base (bases.py) -> wrap (reference.py) -> data -> loop -> write (checkpoint.py).
+
+The loop does the same things in the same order each step: evaluate (every `eval_every` steps), forward and
+backward over the batch, clip, optimizer step, log, check for a stop signal. SIGINT or SIGTERM finishes the current
+step, then the last finished step is written as an ordinary checkpoint (written atomically by `save_checkpoint`).
+
+Baselines are flag values, not separate trainers: `router="softmax"` (MixLoRA-style: deterministic top-k with
+learned renormalised weights, end to end by backprop) and `router="lora"` (n = k = 1, no router).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from remix_serve import bases, routing
+from remix_serve.checkpoint import PROJECTIONS, RemixConfig, load_checkpoint
+from remix_serve.reference import (
+    apply_remix,
+    load_remix_tensors,
+    remix_mlps,
+    routing_mode,
+    save_model,
+    sequence_log_q,
+)
+from remix_serve.train import report
+from remix_serve.train.data import IGNORE, Example, collate, load_jsonl
+from remix_serve.train.rloo import rloo_router_loss, sequence_nll
+
+RouterKind = Literal["remix", "softmax", "lora"]
+
+
+@dataclass
+class TrainArgs:
+    """Everything a training run needs; the defaults finish on a laptop CPU in minutes."""
+
+    base: str  # bundled base name ("smollm2-135m") or a Hugging Face model folder
+    data: str  # JSONL training data
+    out: str  # checkpoint folder to write
+    eval_data: str | None = None  # JSONL held-out data (periodic eval loss, usage heatmap)
+    router: RouterKind = "remix"  # remix (RLOO) | softmax (MixLoRA-style baseline) | lora (n = k = 1)
+    loras: int = 8  # n, LoRAs per adapted layer
+    top_k: int = 2  # k, LoRAs selected per token
+    rank: int = 8  # r
+    samples: int = 4  # M, routed passes per example (remix only; >= 2)
+    alpha: float = 16.0
+    omega_rule: routing.OmegaRule = "lora"  # omega = alpha/(k r) ("lora") or alpha/sqrt(k r) ("rslora")
+    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    layers: list[int] | None = None  # adapted decoder layers; None = all
+    lr: float = 1e-3  # LoRA learning rate (AdamW)
+    router_lr: float | None = None  # router learning rate; None = lr
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs; with resume, the total including earlier steps
+    batch_size: int = 4  # examples per micro-step (each runs M routed passes)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    micro_batch: int = 0  # most sequences (examples x M) per forward; 0 = the whole batch in one forward
+    max_len: int = 256  # longer examples are reported as data errors, never truncated
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # adapter dtype in the checkpoint
+    warmup: int = 10  # linear warmup steps, then cosine decay to 10%
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # steps between eval losses; 0 = about 4 per run
+    log_every: int = 10  # steps between printed log lines; 0 = none
+    resume: str | None = None  # continue from this checkpoint (weights and step count; AdamW state restarts)
+    threads: int | None = None  # torch threads; None = the CPUs this process may use
+    progress: bool = True  # show a tqdm progress bar
+    command: str | None = None  # command line recorded in the model card
+
+
+@dataclass
+class EvalResult:
+    loss: float  # token-weighted mean NLL of the supervised tokens, deterministic top-k routing
+    tokens: int  # supervised tokens
+    usage: dict[int, list[int]]  # layer -> tokens routed to each LoRA (non-padding tokens)
+    weight_ess: float  # mean over tokens and layers of ESS of the k routing weights (k for constant weighting)
+
+    @property
+    def usage_ess(self) -> dict[int, float]:
+        return {layer: float(routing.ess(torch.tensor(c, dtype=torch.float64))) for layer, c in self.usage.items()}
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    config: RemixConfig
+    steps: int
+    stopped_by: str | None  # "SIGINT" / "SIGTERM" when a signal ended the run early
+
+
+def routed_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor], samples: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M Gumbel-top-k routed passes of each example, as one forward over B*M sequences.
+
+    Returns (losses `[B, M]`: per-pass mean token NLL L_bm, log_q `[B, M]`: log Q of each pass's selection,
+    summed over adapted layers and non-padding tokens). Rows b*M .. b*M+M-1 of the forward are example b.
+    """
+    B, M = batch["input_ids"].shape[0], samples
+    rows = {k: v.repeat_interleave(M, dim=0) for k, v in batch.items()}  # [B*M, T]
+    with routing_mode(model, "sample", generator):
+        logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits  # [B*M, T, V]
+        log_q = sequence_log_q(model, rows["attention_mask"]).view(B, M)
+    return sequence_nll(logits, rows["labels"]).view(B, M), log_q
+
+
+def batch_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    router: RouterKind,
+    samples: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of one batch `[B, T]`: returns (objective to backprop, mean NLL, router term), scalars.
+
+    remix: LoRAs get the pathwise gradient of mean_{b,m} L_bm through the sampled selections (the constant
+    weights carry no gradient to the routers), routers the RLOO surrogate. softmax / lora: one deterministic
+    top-k pass, plain backprop.
+    """
+    if router != "remix":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll = sequence_nll(logits, batch["labels"]).mean()
+        return nll, nll, torch.zeros(())
+    losses, log_q = routed_losses(model, batch, samples, generator)
+    router_term = rloo_router_loss(losses, log_q)
+    nll = losses.mean()
+    return nll + router_term, nll, router_term
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> EvalResult:
+    """Eval loss and per-layer LoRA usage under deterministic top-k routing (what the served model computes)."""
+    was_training = model.training
+    model.eval()
+    mlps = remix_mlps(model)
+    usage = {layer: torch.zeros(m.num_loras, dtype=torch.long) for layer, m in mlps.items()}
+    nll_sum, n_tok, ess_sum, n_routed = 0.0, 0, 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_seq = sequence_nll(logits, batch["labels"])  # [B], mean over each sequence's tokens
+        counts = (batch["labels"][:, 1:] != IGNORE).sum(-1)
+        nll_sum += float((per_seq.double() * counts).sum())  # .item()-style sync, once per eval batch
+        n_tok += int(counts.sum())
+        real = batch["attention_mask"].bool()  # [B, T]; padding tokens are routed but not counted
+        for layer, m in mlps.items():
+            w = m.last_weights[real]  # [tokens, n]
+            usage[layer] += (w > 0).sum(0)
+            ess_sum += float(routing.ess(w).sum())
+            n_routed += w.shape[0]
+    model.train(was_training)
+    return EvalResult(
+        loss=nll_sum / max(n_tok, 1),
+        tokens=n_tok,
+        usage={layer: c.tolist() for layer, c in usage.items()},
+        weight_ess=ess_sum / max(n_routed, 1),
+    )
+
+
+def batch_order(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless example-index batches: a fresh seeded permutation per epoch; the last batch may be short."""
+    epoch = 0
+    while True:
+        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        for i in range(0, n_examples, batch_size):
+            yield perm[i : i + batch_size]
+        epoch += 1
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """1) linear warmup over `warmup` steps; 2) cosine decay to 10% at `total`; 3) 10% past it."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= total:
+        return 0.1
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StopSignals:
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step; a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt  # second signal: give up (save_checkpoint removes its temp folder)
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received}: finishing the current step, then writing the checkpoint", file=sys.stderr)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def build_config(args: TrainArgs, base_model: str, base_path: Path) -> RemixConfig:
+    """The checkpoint config implied by the arguments (`--router lora` forces n = k = 1)."""
+    n, k = (1, 1) if args.router == "lora" else (args.loras, args.top_k)
+    weighting: routing.Weighting = "softmax" if args.router == "softmax" else "constant"
+    return RemixConfig(
+        base_model=base_model,
+        base_fingerprint=bases.base_fingerprint(str(base_path)),
+        num_loras=n,
+        top_k=k,
+        rank=args.rank,
+        alpha=args.alpha,
+        omega_rule=args.omega_rule,
+        omega=routing.omega(args.alpha, k, args.rank, args.omega_rule, weighting),
+        target_modules=list(args.target_modules),
+        layers=sorted(args.layers) if args.layers is not None else None,
+        weighting=weighting,
+        dtype=args.dtype,
+    )
+
+
+def _cast_adapter(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the adapter in the checkpoint dtype, so the final eval computes what a loaded checkpoint computes."""
+    for m in remix_mlps(model).values():
+        for p in m.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+        for p in [*m.lora_A.values(), *m.lora_B.values()]:
+            p.data = p.data.to(dtype)
+
+
+def train(args: TrainArgs) -> TrainResult:
+    """Train a ReMix (or baseline) adapter and write it, with a model card and routing.png, to `args.out`."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_start = time.time()
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    torch.manual_seed(args.seed)
+
+    # Base, config (fresh or from --resume), wrap.
+    start_step, resumed = 0, None
+    if args.resume:
+        resumed = load_checkpoint(args.resume)
+        config = resumed.config
+        prev = config.training
+        start_step = int(prev.get("step", 0))
+        args.router = prev.get("router", "softmax" if config.weighting == "softmax" else "remix")
+        base_model = config.base_model
+        base_path = bases.resolve_base(base_model, relative_to=resumed.path)
+        if base_model not in bases.BUNDLED:  # a relative base path is relative to the old checkpoint
+            config = config.model_copy(update={"base_model": str(base_path)})
+    else:
+        base_model = args.base if args.base in bases.BUNDLED else str(Path(args.base).resolve())
+        base_path = bases.resolve_base(base_model)
+        config = build_config(args, base_model, base_path)
+    samples = args.samples if args.router == "remix" else 1
+    if args.router == "remix" and samples < 2:
+        raise ValueError(f"--samples must be >= 2 for --router remix (RLOO needs M >= 2), got {samples}")
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    apply_remix(model, config.model_copy(update={"dtype": "float32"}))  # train in float32, save in config.dtype
+    if resumed is not None:
+        load_remix_tensors(model, resumed.tensors)
+    model.train()
+
+    # Data.
+    train_examples = load_jsonl(args.data, tokenizer, args.max_len)
+    eval_examples = load_jsonl(args.eval_data, tokenizer, args.max_len) if args.eval_data else None
+    report_examples = eval_examples or train_examples[:64]
+
+    # Optimizer: LoRA banks and routers at their own learning rates; the lora baseline has no router to train.
+    mlps = list(remix_mlps(model).values())
+    lora_params = [p for m in mlps for p in [*m.lora_A.values(), *m.lora_B.values()]]
+    router_params = [m.router for m in mlps] if args.router != "lora" else []
+    if args.router == "lora":
+        for m in mlps:
+            m.router.requires_grad_(False)
+    router_lr = args.router_lr if args.router_lr is not None else args.lr
+    groups = [{"params": lora_params, "lr": args.lr, "base_lr": args.lr}]
+    if router_params:
+        groups.append({"params": router_params, "lr": router_lr, "base_lr": router_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    trainable = lora_params + router_params
+
+    batches_per_epoch = math.ceil(len(train_examples) / args.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+    total = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    eval_every = args.eval_every or max(1, total // 4)
+    order = batch_order(len(train_examples), args.batch_size, args.seed)
+    for _ in range(start_step * args.grad_accum):  # --resume: skip the batches already trained on
+        next(order)
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + start_step)
+    rows_per_forward = max(1, args.micro_batch // samples) if args.micro_batch else args.batch_size
+
+    history: list[dict] = list(resumed.config.training.get("history", [])) if resumed else []
+    initial_eval = evaluate(model, eval_examples, pad_id) if eval_examples else None
+    if initial_eval:
+        history.append({"step": start_step, "eval_loss": round(initial_eval.loss, 5)})
+    step, recent, tokens_seen = start_step, [], 0
+    bar = tqdm(total=total, initial=start_step, disable=not args.progress, dynamic_ncols=True, file=sys.stderr)
+    with StopSignals() as stop:
+        while step < total and stop.received is None:
+            t0 = time.time()
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor(step, total, args.warmup)
+            nll_acc, router_acc, step_tokens = 0.0, 0.0, 0
+            for _ in range(args.grad_accum):
+                idx = next(order)
+                for j in range(0, len(idx), rows_per_forward):  # micro-batches split by example: RLOO stays exact
+                    chunk = [train_examples[i] for i in idx[j : j + rows_per_forward]]
+                    batch = collate(chunk, pad_id)
+                    loss, nll, router_term = batch_loss(model, batch, args.router, samples, generator)
+                    scale = len(chunk) / len(idx) / args.grad_accum
+                    (loss * scale).backward()
+                    nll_acc += float(nll.detach()) * scale  # sync point: one .item()-style read per micro-batch
+                    router_acc += float(router_term.detach()) * scale
+                    step_tokens += int(batch["attention_mask"].sum())
+            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += step_tokens
+            recent = (recent + [nll_acc])[-20:]
+            tok_s = step_tokens / max(time.time() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{nll_acc:.4f}", router=f"{router_acc:+.4f}", tok_s=f"{tok_s:.0f}")
+            if args.log_every and (step % args.log_every == 0 or step == total):
+                line = f"step {step}/{total} loss {nll_acc:.4f} router {router_acc:+.4f} tok/s {tok_s:.0f}"
+                tqdm.write(line, file=sys.stdout)
+                history.append({"step": step, "train_loss": round(nll_acc, 5)})
+            if eval_examples and step % eval_every == 0 and step < total and stop.received is None:
+                ev = evaluate(model, eval_examples, pad_id)
+                tqdm.write(f"step {step}/{total} eval_loss {ev.loss:.4f}", file=sys.stdout)
+                history.append({"step": step, "eval_loss": round(ev.loss, 5)})
+        bar.close()
+
+        # Write the last finished step. Signals stay caught until the folder is in place.
+        _cast_adapter(model, config.torch_dtype)
+        final = evaluate(model, report_examples, pad_id)
+        if eval_examples:
+            history.append({"step": step, "eval_loss": round(final.loss, 5)})
+            print(f"step {step}/{total} eval_loss {final.loss:.6f}", flush=True)
+        usage_ess = final.usage_ess
+        config.training = {
+            "command": args.command,
+            "router": args.router,
+            "data": str(args.data),
+            "examples": len(train_examples),
+            "eval_data": str(args.eval_data) if args.eval_data else None,
+            "eval_examples": len(eval_examples) if eval_examples else 0,
+            "step": step,
+            "max_steps": total,
+            "samples": samples,
+            "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum,
+            "lr": args.lr,
+            "router_lr": router_lr if router_params else None,
+            "max_len": args.max_len,
+            "seed": args.seed,
+            "train_loss": round(sum(recent) / len(recent), 5) if recent else None,
+            "eval_loss": final.loss if eval_examples else None,
+            "eval_loss_initial": initial_eval.loss if initial_eval else None,
+            "usage_data": "eval" if eval_examples else "train (first 64 examples; no --eval-data)",
+            "usage": {str(k): v for k, v in final.usage.items()},
+            "usage_ess": {str(k): round(v, 4) for k, v in usage_ess.items()},
+            "routing_weight_ess": round(final.weight_ess, 4),
+            "tokens_this_run": tokens_seen,
+            "wall_s_this_run": round(time.time() - t_start, 1),
+            "resumed_from": str(args.resume) if args.resume else None,
+            "stopped_by": stop.received,
+            "history": history,
+        }
+        save_model(model, args.out, config, extra_files=report.report_files(config, base_model, final, args))
+    return TrainResult(path=Path(args.out), config=config, steps=step, stopped_by=stop.received)
+
+
+def args_dict(args: TrainArgs) -> dict:
+    """The arguments as a plain dict (for the model card)."""
+    return asdict(args)
