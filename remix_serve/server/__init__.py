@@ -1,0 +1,1 @@
+"""remix-serve: vLLM's OpenAI-compatible server, extended with ReMix routes and metrics (never forked)."""

@@ -1,0 +1,109 @@
+"""`remix-serve`: validate a ReMix checkpoint, then run vLLM's OpenAI-compatible server on it.
+
+Flags remix-serve does not know are passed to vLLM unchanged (see `python -m vllm.entrypoints.openai.api_server
+--help`). A bad checkpoint exits with status 2 and one message, before any engine starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from remix_serve import bases
+from remix_serve.checkpoint import CheckpointError, load_checkpoint
+
+EXIT_BAD_CHECKPOINT = 2
+DRAIN_SECONDS = 30  # SIGTERM: finish in-flight requests for up to this long (k8s grace period must exceed it)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="remix-serve",
+        description="Serve a ReMix Mixture-of-LoRAs checkpoint with vLLM's OpenAI-compatible API "
+        "(/v1/completions, /v1/chat/completions, /v1/models, /v1/remix/adapter, /health, /metrics).",
+        epilog="Any other flag is passed to vLLM, e.g. --max-num-seqs 64 or --kv-cache-memory-bytes 1073741824. "
+        "Example: remix-serve --adapter ./ckpt --port 8000",
+    )
+    p.add_argument("--adapter", required=True, help="ReMix checkpoint folder (remix_config.json + adapter.safetensors)")
+    p.add_argument("--name", help="served model name (default: the checkpoint folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--api-key", help="require this bearer key on /v1/* (/health and /metrics stay open)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context length (default: %(default)s)")
+    p.add_argument("--dtype", default="bfloat16", help="model dtype: bfloat16, float32, float16 (default: %(default)s)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor-parallel ranks (default: 1)")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=DRAIN_SECONDS,
+        help="on SIGTERM, drain in-flight requests for up to this many seconds (default: %(default)s)",
+    )
+    return p
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def vllm_argv(args: argparse.Namespace, base: Path, passthrough: list[str]) -> list[str]:
+    """The vLLM server command line for a validated checkpoint."""
+    from remix_serve.vllm_plugin import WORKER_EXTENSION, hf_overrides
+
+    base_archs = json.loads((base / "config.json").read_text()).get("architectures") or []
+    checkpoint = str(Path(args.adapter).resolve())
+    argv = [
+        "--model", str(base),
+        "--tokenizer", str(base),
+        "--served-model-name", args.name or Path(checkpoint).name,
+        "--hf-overrides", json.dumps(hf_overrides(checkpoint, base_archs)),
+        "--worker-extension-cls", WORKER_EXTENSION,
+        "--host", args.host,
+        "--port", str(args.port),
+        "--max-model-len", str(args.max_model_len),
+        "--dtype", args.dtype,
+        "--tensor-parallel-size", str(args.tensor_parallel_size),
+        "--shutdown-timeout", str(args.shutdown_timeout),
+    ]  # fmt: skip
+    if args.api_key:
+        argv += ["--api-key", args.api_key]
+    if not has_cuda() and not any(a.startswith("--compilation-config") or a == "-cc" for a in passthrough):
+        # vLLM-CPU compiles with inductor by default: minutes of gcc on a small host. Eager is the tested path.
+        argv.append("--enforce-eager")
+        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and "--kv-cache-memory-bytes" not in passthrough:
+            argv += ["--kv-cache-memory-bytes", str(1 << 30)]
+    return argv + passthrough
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, passthrough = build_parser().parse_known_args(argv)
+    try:
+        ckpt = load_checkpoint(args.adapter)
+        base = bases.resolve_base(ckpt.config.base_model, relative_to=ckpt.path)
+    except (CheckpointError, bases.BaseModelError) as e:
+        print(f"remix-serve: invalid checkpoint {args.adapter}:\n{e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CHECKPOINT)
+
+    # The general plugin (model classes) and the endpoint plugin (routes, metrics) must both be allow-listed.
+    os.environ["VLLM_PLUGINS"] = "remix_serve,remix_serve_endpoint"
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.logger import configure_logging_from_args
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="remix-serve (vLLM flags)"))
+    vllm_args = parser.parse_args(vllm_argv(args, base, passthrough))
+    configure_logging_from_args(vllm_args)
+    validate_parsed_serve_args(vllm_args)
+    uvloop.run(run_server(vllm_args))
+
+
+if __name__ == "__main__":
+    main()

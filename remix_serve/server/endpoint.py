@@ -1,0 +1,85 @@
+"""The vLLM endpoint plugin: `/v1/remix/adapter`, ReMix details in `/v1/models`, and the remix_* metrics.
+
+Loaded in the API-server process only, when `VLLM_PLUGINS` names `remix_serve_endpoint` (remix-serve sets it).
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import State
+
+from remix_serve.checkpoint import load_config
+from remix_serve.server.metrics import RemixCollector, UsagePoller, register_collector
+
+router = APIRouter()
+
+
+def checkpoint_path(args: Namespace) -> str | None:
+    """The ReMix checkpoint named in the server's `--hf-overrides`, if any."""
+    overrides = args.hf_overrides
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides)
+    remix = (overrides or {}).get("remix") if isinstance(overrides, dict) else None
+    return remix.get("checkpoint") if isinstance(remix, dict) else None
+
+
+@router.get("/v1/remix/adapter")
+async def show_adapter(raw_request: Request) -> JSONResponse:
+    """The checkpoint's config and live per-layer usage (counts and ESS)."""
+    state = raw_request.app.state
+    snapshot = await state.remix_poller.refresh()
+    return JSONResponse(
+        {
+            "model": state.remix_model_name,
+            "checkpoint": state.remix_checkpoint,
+            "config": state.remix_config.model_dump(mode="json"),
+            "usage": snapshot.as_json(),
+        }
+    )
+
+
+@router.get("/v1/models")
+async def show_models(raw_request: Request) -> JSONResponse:
+    """vLLM's model list, with the ReMix bank (n, k, r, ...) on the served adapter's entry."""
+    state = raw_request.app.state
+    models = (await state.openai_serving_models.show_available_models()).model_dump()
+    cfg = state.remix_config
+    for card in models["data"]:
+        if card["id"] == state.remix_model_name:
+            card["remix"] = {
+                "num_loras": cfg.num_loras,
+                "top_k": cfg.top_k,
+                "rank": cfg.rank,
+                "weighting": cfg.weighting,
+                "layers": cfg.adapted_layers,
+                "target_modules": cfg.target_modules,
+                "base_model": cfg.base_model,
+            }
+    return JSONResponse(content=models)
+
+
+class RemixEndpoint:
+    """`vllm.endpoint_plugins` entry: HTTP surface only; the counters come from the worker extension."""
+
+    name = "remix_serve_endpoint"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state: State, args: Namespace) -> None:
+        path = checkpoint_path(args)
+        if engine_client is None or path is None:
+            raise RuntimeError("remix_serve_endpoint needs an engine serving a ReMix checkpoint (--hf-overrides)")
+        names = args.served_model_name or [args.model]
+        state.remix_model_name = names[0] if isinstance(names, list) else names
+        state.remix_checkpoint = path
+        state.remix_config = load_config(path)
+        collector = RemixCollector(state.remix_model_name)
+        register_collector(collector)
+        state.remix_poller = UsagePoller(engine_client, collector)
+        state.remix_poller.start()
