@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["VLLM_PLUGINS"] = "remix_serve,remix_serve_endpoint"
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
-    from vllm.logger import configure_logging_from_args
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cli_env_setup()

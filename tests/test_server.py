@@ -1,0 +1,302 @@
+"""remix-serve as a real subprocess on 127.0.0.1, driven by the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from remix_serve import reference
+from tests.server_utils import RemixServer, free_port
+from tests.test_deploy import dashboard_metric_names, exported_metric_names
+
+pytestmark = pytest.mark.engine
+KEY = "test-key"
+MODEL = "remix-tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt: Path, tmp_path_factory):
+    srv = RemixServer(tiny_ckpt, "--api-key", KEY, log=tmp_path_factory.mktemp("log") / "server.log")
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_ckpt: Path):
+    return reference.load_model(tiny_ckpt)
+
+
+def metrics(server) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics as {(name, sorted labels): value}."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def remix_totals(server) -> tuple[dict[str, float], dict[str, float]]:
+    """(per-layer sum of remix_lora_activations_total, per-layer remix_routed_tokens_total).
+
+    /v1/remix/adapter reads the worker's counters now, which also refreshes the snapshot /metrics serves.
+    """
+    httpx.get(f"{server.url}/v1/remix/adapter", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    acts: dict[str, float] = {}
+    routed: dict[str, float] = {}
+    for (name, labels), value in metrics(server).items():
+        lab = dict(labels)
+        if name == "remix_lora_activations_total":
+            assert set(lab) == {"model_name", "layer", "lora"} and lab["model_name"] == MODEL
+            acts[lab["layer"]] = acts.get(lab["layer"], 0) + value
+        elif name == "remix_routed_tokens_total":
+            assert set(lab) == {"model_name", "layer"} and lab["model_name"] == MODEL
+            routed[lab["layer"]] = value
+    return acts, routed
+
+
+def wait_for_routed(server, expected: float, timeout: float = 15) -> tuple[dict, dict]:
+    """The poller refreshes every second: wait until every layer shows `expected` routed tokens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        acts, routed = remix_totals(server)
+        if routed and all(v == expected for v in routed.values()) or time.monotonic() > deadline:
+            return acts, routed
+        time.sleep(0.3)
+
+
+def test_models_lists_the_adapter_with_n_k_r(client):
+    (card,) = client.models.list().data
+    assert card.id == MODEL
+    assert card.model_extra["remix"]["num_loras"] == 4
+    assert card.model_extra["remix"]["top_k"] == 2
+    assert card.model_extra["remix"]["rank"] == 4
+
+
+def test_completion_matches_reference_greedy_and_counts_usage(client, oracle):
+    model, tok = oracle
+    prompt = "The quick brown fox"
+    out = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=24,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    ids = tok(prompt)["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        expected = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=24,
+            min_new_tokens=24,
+            do_sample=False,
+            eos_token_id=None,
+        )[0, len(ids) :]
+    # Token ids, not text: the byte-level tiny tokenizer may end on half a UTF-8 character, which vLLM holds back.
+    assert out.choices[0].model_extra["token_ids"] == expected.tolist()
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.completion_tokens == 24
+    assert out.usage.total_tokens == len(ids) + 24
+
+
+def test_streamed_completion_equals_non_streamed(client):
+    kwargs = dict(model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert chunks[-1].usage.completion_tokens == 20
+
+
+def test_chat_completion(client):
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0
+    )
+    assert out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens <= 8 and out.usage.prompt_tokens > 2
+
+
+def test_logprobs_echo_n_and_seed(client):
+    out = client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=5, logprobs=3, echo=True, temperature=0, extra_body={"ignore_eos": True}
+    )
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3 + 5
+    assert lp.token_logprobs[0] is None  # the first prompt token has no logprob
+    # up to logprobs + 1 entries (the chosen token is added); byte tokens that decode alike share a key
+    assert all(1 <= len(t) <= 4 for t in lp.top_logprobs[1:])
+    assert out.choices[0].text.startswith("abc")
+    many = client.completions.create(model=MODEL, prompt="abc", max_tokens=6, n=3, seed=7, temperature=1.0)
+    assert len(many.choices) == 3
+    again = client.completions.create(model=MODEL, prompt="abc", max_tokens=6, n=3, seed=7, temperature=1.0)
+    assert [c.text for c in many.choices] == [c.text for c in again.choices]
+
+
+def test_stop_sequence_ends_the_completion(client):
+    kwargs = dict(model=MODEL, prompt="stop here", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    text = client.completions.create(**kwargs).choices[0].text
+    stop = next((ch for ch in text[3:] if ch.isascii() and ch.isprintable()), None)
+    if stop is None:
+        pytest.skip(f"greedy text has no printable ASCII character to stop on: {text!r}")
+    out = client.completions.create(stop=[stop], **kwargs).choices[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[: text.index(stop, 3)] if text.find(stop) >= 3 else stop not in out.text
+
+
+def test_metrics_invariant_and_labels_after_known_workload(client, server):
+    acts0, routed0 = remix_totals(server)
+    prompts = ["a", "hello there", "ReMix", "0123456789"]
+    expected = 0
+    for p in prompts:
+        out = client.completions.create(
+            model=MODEL, prompt=p, max_tokens=9, temperature=0, extra_body={"ignore_eos": True}
+        )
+        expected += out.usage.prompt_tokens + out.usage.completion_tokens - 1
+    base = next(iter(routed0.values()), 0.0)
+    acts, routed = wait_for_routed(server, base + expected)
+    assert sorted(routed) == ["0", "1"]
+    for layer in routed:
+        assert routed[layer] - routed0.get(layer, 0) == expected, layer
+        assert acts[layer] - acts0.get(layer, 0) == 2 * expected, layer
+    m = metrics(server)
+    ess = [v for (name, _), v in m.items() if name == "remix_layer_usage_ess"]
+    assert len(ess) == 2 and all(1.0 <= e <= 4.0 for e in ess)
+    usage = httpx.get(f"{server.url}/v1/remix/adapter", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert usage["config"]["num_loras"] == 4
+    assert [u["routed_tokens"] for u in usage["usage"]] == [routed["0"], routed["1"]]
+
+
+def test_dashboard_queries_only_metrics_the_server_exports(client, server):
+    client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    exported = exported_metric_names(httpx.get(f"{server.url}/metrics").text)
+    assert dashboard_metric_names() <= exported, dashboard_metric_names() - exported
+
+
+def test_errors_have_openai_shape(server, client):
+    unauth = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert unauth.status_code == 401
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    assert nf.value.status_code == 404 and "no-such-model" in nf.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as br:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=-3)
+    assert br.value.status_code == 400 and br.value.body["type"] == "BadRequestError"
+
+
+def running_requests(server) -> float:
+    return sum(v for (name, _), v in metrics(server).items() if name == "vllm:num_requests_running")
+
+
+def test_client_disconnect_aborts_the_request(server):
+    body = {"model": MODEL, "prompt": "abort me", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    ) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert running_requests(server) == 1
+    deadline = time.monotonic() + 10
+    while running_requests(server) != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running_requests(server) == 0
+
+
+def test_32_concurrent_streams_complete_with_every_token_accounted(server):
+    async def one(i: int, aclient: openai.AsyncOpenAI) -> tuple[int, int]:
+        stream = await aclient.completions.create(
+            model=MODEL,
+            prompt=f"client {i}:",
+            max_tokens=16 + i % 5,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        pieces, usage = 0, None
+        async for chunk in stream:
+            if chunk.choices:
+                pieces += 1
+            if chunk.usage:
+                usage = chunk.usage
+        assert usage is not None and usage.completion_tokens == 16 + i % 5
+        return usage.prompt_tokens, usage.completion_tokens
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0) as aclient:
+            return await asyncio.gather(*(one(i, aclient) for i in range(32)))
+
+    _, routed0 = remix_totals(server)
+    gen0 = sum(v for (n, _), v in metrics(server).items() if n == "vllm:generation_tokens_total")
+    results = asyncio.run(main())
+    assert len(results) == 32
+    gen = sum(v for (n, _), v in metrics(server).items() if n == "vllm:generation_tokens_total")
+    assert gen - gen0 == sum(c for _, c in results)
+    expected = next(iter(routed0.values())) + sum(p + c - 1 for p, c in results)
+    _, routed = wait_for_routed(server, expected)
+    assert all(v == expected for v in routed.values()), (routed, expected)
+
+
+def test_bad_checkpoint_exits_2_with_message_and_never_listens(tiny_ckpt: Path, tmp_path: Path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    (bad / "adapter.safetensors").unlink()
+    port = free_port()
+    proc = subprocess.run(
+        [sys.executable, "-m", "remix_serve.server.cli", "--adapter", str(bad), "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"{bad}/adapter.safetensors: missing" in proc.stderr
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health")
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_ckpt: Path, tmp_path: Path):
+    srv = RemixServer(tiny_ckpt, "--shutdown-timeout", "30", log=tmp_path / "drain.log").wait_ready()
+    try:
+        result: dict = {}
+
+        def call() -> None:
+            with openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0) as c:
+                result["out"] = c.completions.create(
+                    model=MODEL, prompt="drain", max_tokens=300, temperature=0, extra_body={"ignore_eos": True}
+                )
+
+        import threading
+
+        t = threading.Thread(target=call)
+        t.start()
+        deadline = time.monotonic() + 10
+        while running_requests(srv) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running_requests(srv) == 1
+    finally:
+        code = srv.close(timeout=60)
+    t.join(30)
+    assert code == 0, (tmp_path / "drain.log").read_text()[-3000:]
+    assert result["out"].usage.completion_tokens == 300
