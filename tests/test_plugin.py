@@ -154,3 +154,48 @@ def test_corrupt_checkpoint_fails_engine_start_with_checkpoint_error(tiny_base: 
     log = proc.stdout + proc.stderr  # vLLM logs the engine process's error to stdout
     assert proc.returncode != 0
     assert f"CheckpointError: {bad}/remix_config.json: top_k=9 is larger than num_loras=4" in log, log[-3000:]
+
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+    "What is 12 times 12?",
+    "Translate 'good morning' into Spanish.",
+    "Name a planet in the solar system.",
+    "Why is the sky blue?",
+    "Give me a synonym for happy.",
+]
+
+
+@pytest.mark.integration
+def test_smollm2_checkpoint_matches_reference_token_for_token(tmp_path_factory):
+    """The bundled SmolLM2-135M with a random n=8, k=2, r=8 bank on all 30 layers, float32 on both sides."""
+    from remix_serve import bases
+    from remix_serve.checkpoint import save_checkpoint
+
+    spec = bases.BUNDLED["smollm2-135m"]
+    cfg = tiny.tiny_config("smollm2-135m", spec.fingerprint, num_loras=8, top_k=2, rank=8, alpha=32.0)
+    ckpt = save_checkpoint(tmp_path_factory.mktemp("smol") / "smol-remix", cfg, tiny.random_adapter(cfg, 3, 0.05))
+    base = bases.resolve_base("smollm2-135m")
+    model, tok = reference.load_model(ckpt)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"] for p in CHAT_PROMPTS]  # fmt: skip
+    from vllm import TokensPrompt
+
+    llm = make_llm(base, ckpt)
+    try:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy(32))
+        llm.collective_rpc("remix_record", args=(True,))
+        (one,) = llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], greedy(8))
+        (recorded,) = llm.collective_rpc("remix_record", args=(False,))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    for p, o in zip(prompts, outs, strict=True):
+        assert list(o.outputs[0].token_ids) == hf_greedy(model, p, 32), tok.decode(p)
+    seq = prompts[0] + list(one.outputs[0].token_ids)[:-1]
+    with torch.no_grad(), reference.record_routing(model) as ref:
+        model(torch.tensor([seq]))
+    assert sorted(recorded) == list(range(30))
+    for layer in range(30):
+        assert recorded[layer] == ref[layer][0][0].tolist(), layer
