@@ -36,7 +36,7 @@ from remix_serve.reference import (
 )
 from remix_serve.train import report
 from remix_serve.train.data import IGNORE, Example, collate, load_jsonl
-from remix_serve.train.rloo import rloo_router_loss, sequence_nll
+from remix_serve.train.rloo import model_nll, rloo_router_loss
 
 RouterKind = Literal["remix", "softmax", "lora"]
 
@@ -109,9 +109,9 @@ def routed_losses(
     B, M = batch["input_ids"].shape[0], samples
     rows = {k: v.repeat_interleave(M, dim=0) for k, v in batch.items()}  # [B*M, T]
     with routing_mode(model, "sample", generator):
-        logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits  # [B*M, T, V]
+        losses = model_nll(model, rows).view(B, M)
         log_q = sequence_log_q(model, rows["attention_mask"]).view(B, M)
-    return sequence_nll(logits, rows["labels"]).view(B, M), log_q
+    return losses, log_q
 
 
 def batch_loss(
@@ -128,8 +128,7 @@ def batch_loss(
     top-k pass, plain backprop.
     """
     if router != "remix":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll = sequence_nll(logits, batch["labels"]).mean()
+        nll = model_nll(model, batch).mean()
         return nll, nll, torch.zeros(())
     losses, log_q = routed_losses(model, batch, samples, generator)
     router_term = rloo_router_loss(losses, log_q)
@@ -147,8 +146,7 @@ def evaluate(model: nn.Module, examples: list[Example], pad_id: int, batch_size:
     nll_sum, n_tok, ess_sum, n_routed = 0.0, 0, 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_seq = sequence_nll(logits, batch["labels"])  # [B], mean over each sequence's tokens
+        per_seq = model_nll(model, batch)  # [B], mean over each sequence's tokens
         counts = (batch["labels"][:, 1:] != IGNORE).sum(-1)
         nll_sum += float((per_seq.double() * counts).sum())  # .item()-style sync, once per eval batch
         n_tok += int(counts.sum())
@@ -270,16 +268,17 @@ def train(args: TrainArgs) -> TrainResult:
         raise ValueError(f"--samples must be >= 2 for --router remix (RLOO needs M >= 2), got {samples}")
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # Data first: a bad line fails before the model loads.
+    train_examples = load_jsonl(args.data, tokenizer, args.max_len)
+    eval_examples = load_jsonl(args.eval_data, tokenizer, args.max_len) if args.eval_data else None
+    report_examples = eval_examples or train_examples[:64]
+
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     apply_remix(model, config.model_copy(update={"dtype": "float32"}))  # train in float32, save in config.dtype
     if resumed is not None:
         load_remix_tensors(model, resumed.tensors)
     model.train()
-
-    # Data.
-    train_examples = load_jsonl(args.data, tokenizer, args.max_len)
-    eval_examples = load_jsonl(args.eval_data, tokenizer, args.max_len) if args.eval_data else None
-    report_examples = eval_examples or train_examples[:64]
 
     # Optimizer: LoRA banks and routers at their own learning rates; the lora baseline has no router to train.
     mlps = list(remix_mlps(model).values())
@@ -377,6 +376,7 @@ def train(args: TrainArgs) -> TrainResult:
             "usage": {str(k): v for k, v in final.usage.items()},
             "usage_ess": {str(k): round(v, 4) for k, v in usage_ess.items()},
             "routing_weight_ess": round(final.weight_ess, 4),
+            "routing_weight_ess_initial": round(initial_eval.weight_ess, 4) if initial_eval else None,
             "tokens_this_run": tokens_seen,
             "wall_s_this_run": round(time.time() - t_start, 1),
             "resumed_from": str(args.resume) if args.resume else None,
