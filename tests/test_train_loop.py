@@ -88,3 +88,13 @@ def test_resume_continues_from_the_checkpoint(tiny_base: Path, task, tmp_path: P
     assert [h["step"] for h in t["history"] if "eval_loss" in h][0] == 0  # history carried over from the first run
     after = ck.load_checkpoint(second.path)
     assert any(not torch.equal(after.tensors[n], before.tensors[n]) for n in before.tensors)
+
+
+def test_micro_batching_gives_the_same_training_as_one_forward(tiny_base: Path, task, tmp_path: Path):
+    """Deterministic routing (softmax baseline), so the two runs differ only in how the batch is split."""
+    whole = train(_args(tiny_base, task, tmp_path / "whole", router="softmax", max_steps=3))
+    split = train(_args(tiny_base, task, tmp_path / "split", router="softmax", max_steps=3, micro_batch=3))
+    a, b = ck.load_checkpoint(whole.path).tensors, ck.load_checkpoint(split.path).tensors
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(a[n], torch.zeros_like(a[n])) for n in a if n.endswith("lora_B"))  # it trained

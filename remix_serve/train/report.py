@@ -82,7 +82,7 @@ def model_card(config: RemixConfig, base_model: str, final: EvalResult, args: Tr
         "",
         "## Losses",
         "",
-        f"- train loss (mean of the last logged steps): {_fmt(t['train_loss'])}",
+        f"- train loss (mean of the last 20 steps): {_fmt(t['train_loss'])}",
         f"- eval loss (top-k routing, token-weighted): {_fmt(t['eval_loss_initial'])} at the start of this run"
         f" -> {_fmt(t['eval_loss'])} at step {t['step']}",
         "",

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -238,6 +238,17 @@ def _cast_adapter(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
+def _usage_stats(final: EvalResult, initial: EvalResult | None) -> dict:
+    """Per-layer usage counts and ESS, and the mean routing-weight ESS (now and before this run), for provenance."""
+    return {
+        "usage_data": "eval" if initial is not None else "train (first 64 examples; no --eval-data)",
+        "usage": {str(k): v for k, v in final.usage.items()},
+        "usage_ess": {str(k): round(v, 4) for k, v in final.usage_ess.items()},
+        "routing_weight_ess": round(final.weight_ess, 4),
+        "routing_weight_ess_initial": round(initial.weight_ess, 4) if initial else None,
+    }
+
+
 def train(args: TrainArgs) -> TrainResult:
     """Train a ReMix (or baseline) adapter and write it, with a model card and routing.png, to `args.out`."""
     from tqdm import tqdm
@@ -248,23 +259,23 @@ def train(args: TrainArgs) -> TrainResult:
     torch.manual_seed(args.seed)
 
     # Base, config (fresh or from --resume), wrap.
-    start_step, resumed = 0, None
+    start_step, resumed, router = 0, None, args.router
     if args.resume:
         resumed = load_checkpoint(args.resume)
         config = resumed.config
         prev = config.training
         start_step = int(prev.get("step", 0))
-        args.router = prev.get("router", "softmax" if config.weighting == "softmax" else "remix")
-        base_model = config.base_model
-        base_path = bases.resolve_base(base_model, relative_to=resumed.path)
-        if base_model not in bases.BUNDLED:  # a relative base path is relative to the old checkpoint
+        router = prev.get("router", "softmax" if config.weighting == "softmax" else "remix")
+        base_path = bases.resolve_base(config.base_model, relative_to=resumed.path)
+        if config.base_model not in bases.BUNDLED:  # a relative base path is relative to the old checkpoint
             config = config.model_copy(update={"base_model": str(base_path)})
+        base_model = config.base_model
     else:
         base_model = args.base if args.base in bases.BUNDLED else str(Path(args.base).resolve())
         base_path = bases.resolve_base(base_model)
         config = build_config(args, base_model, base_path)
-    samples = args.samples if args.router == "remix" else 1
-    if args.router == "remix" and samples < 2:
+    samples = args.samples if router == "remix" else 1
+    if router == "remix" and samples < 2:
         raise ValueError(f"--samples must be >= 2 for --router remix (RLOO needs M >= 2), got {samples}")
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -283,8 +294,8 @@ def train(args: TrainArgs) -> TrainResult:
     # Optimizer: LoRA banks and routers at their own learning rates; the lora baseline has no router to train.
     mlps = list(remix_mlps(model).values())
     lora_params = [p for m in mlps for p in [*m.lora_A.values(), *m.lora_B.values()]]
-    router_params = [m.router for m in mlps] if args.router != "lora" else []
-    if args.router == "lora":
+    router_params = [m.router for m in mlps] if router != "lora" else []
+    if router == "lora":
         for m in mlps:
             m.router.requires_grad_(False)
     router_lr = args.router_lr if args.router_lr is not None else args.lr
@@ -305,12 +316,12 @@ def train(args: TrainArgs) -> TrainResult:
     rows_per_forward = max(1, args.micro_batch // samples) if args.micro_batch else args.batch_size
 
     history: list[dict] = list(resumed.config.training.get("history", [])) if resumed else []
-    initial_eval = evaluate(model, eval_examples, pad_id) if eval_examples else None
-    if initial_eval:
-        history.append({"step": start_step, "eval_loss": round(initial_eval.loss, 5)})
     step, recent, tokens_seen = start_step, [], 0
-    bar = tqdm(total=total, initial=start_step, disable=not args.progress, dynamic_ncols=True, file=sys.stderr)
     with StopSignals() as stop:
+        initial_eval = evaluate(model, eval_examples, pad_id) if eval_examples else None
+        if initial_eval:
+            history.append({"step": start_step, "eval_loss": round(initial_eval.loss, 5)})
+        bar = tqdm(total=total, initial=start_step, disable=not args.progress, dynamic_ncols=True, file=sys.stderr)
         while step < total and stop.received is None:
             t0 = time.time()
             for g in optimizer.param_groups:
@@ -321,7 +332,7 @@ def train(args: TrainArgs) -> TrainResult:
                 for j in range(0, len(idx), rows_per_forward):  # micro-batches split by example: RLOO stays exact
                     chunk = [train_examples[i] for i in idx[j : j + rows_per_forward]]
                     batch = collate(chunk, pad_id)
-                    loss, nll, router_term = batch_loss(model, batch, args.router, samples, generator)
+                    loss, nll, router_term = batch_loss(model, batch, router, samples, generator)
                     scale = len(chunk) / len(idx) / args.grad_accum
                     (loss * scale).backward()
                     nll_acc += float(nll.detach()) * scale  # sync point: one .item()-style read per micro-batch
@@ -352,10 +363,9 @@ def train(args: TrainArgs) -> TrainResult:
         if eval_examples:
             history.append({"step": step, "eval_loss": round(final.loss, 5)})
             print(f"step {step}/{total} eval_loss {final.loss:.6f}", flush=True)
-        usage_ess = final.usage_ess
         config.training = {
             "command": args.command,
-            "router": args.router,
+            "router": router,
             "data": str(args.data),
             "examples": len(train_examples),
             "eval_data": str(args.eval_data) if args.eval_data else None,
@@ -369,14 +379,10 @@ def train(args: TrainArgs) -> TrainResult:
             "router_lr": router_lr if router_params else None,
             "max_len": args.max_len,
             "seed": args.seed,
-            "train_loss": round(sum(recent) / len(recent), 5) if recent else None,
+            "train_loss": round(sum(recent) / len(recent), 5) if recent else None,  # mean of the last 20 steps
             "eval_loss": final.loss if eval_examples else None,
             "eval_loss_initial": initial_eval.loss if initial_eval else None,
-            "usage_data": "eval" if eval_examples else "train (first 64 examples; no --eval-data)",
-            "usage": {str(k): v for k, v in final.usage.items()},
-            "usage_ess": {str(k): round(v, 4) for k, v in usage_ess.items()},
-            "routing_weight_ess": round(final.weight_ess, 4),
-            "routing_weight_ess_initial": round(initial_eval.weight_ess, 4) if initial_eval else None,
+            **_usage_stats(final, initial_eval),
             "tokens_this_run": tokens_seen,
             "wall_s_this_run": round(time.time() - t_start, 1),
             "resumed_from": str(args.resume) if args.resume else None,
@@ -385,8 +391,3 @@ def train(args: TrainArgs) -> TrainResult:
         }
         save_model(model, args.out, config, extra_files=report.report_files(config, base_model, final, args))
     return TrainResult(path=Path(args.out), config=config, steps=step, stopped_by=stop.received)
-
-
-def args_dict(args: TrainArgs) -> dict:
-    """The arguments as a plain dict (for the model card)."""
-    return asdict(args)
