@@ -20,21 +20,65 @@ def real_token_mask(num_tokens: int) -> torch.Tensor | None:
     if not ctx.attn_metadata:
         return None
     if ctx.is_padding is None:
-        return None if num_tokens == 0 else torch.ones(num_tokens, dtype=torch.bool)
+        return torch.ones(num_tokens, dtype=torch.bool)
     return ~ctx.is_padding[:num_tokens]
 
 
-def add_counts(activations: torch.Tensor, routed: torch.Tensor, mask: torch.Tensor, real: torch.Tensor | None) -> None:
-    """Add one forward's selections to a layer's counters, in place, without a host sync.
+class RoutingCounters:
+    """Cumulative routing counts of one model: `[L, n]` tokens per LoRA and the tokens that were routed.
 
-    Args:
-        activations: `[n]` int64 running count of tokens routed to each LoRA.
-        routed: `[1]` int64 running count of tokens that passed the router.
-        mask: `[T, n]` selection mask (1 on the k selected LoRAs).
-        real: `[T]` bool mask of real tokens (see `real_token_mask`), None to count nothing.
+    Each adapted layer adds its selection mask into this forward's float32 `step` row (one fused op, no host
+    sync); `end()` folds the step into the int64 totals once per forward. Float32 is exact for the per-forward
+    counts (far below 2^24 tokens), int64 for the totals.
     """
-    if real is None:
-        return
-    real = real.to(device=mask.device, dtype=mask.dtype)  # [T]
-    activations.add_((real @ mask).round().to(activations.dtype))  # [n]
-    routed.add_(real.sum().round().to(routed.dtype))
+
+    def __init__(self, layers: list[int], num_loras: int, device: torch.device):
+        self.layers = layers
+        self.step = torch.zeros(len(layers), num_loras, dtype=torch.float32, device=device)
+        self.activations = torch.zeros(len(layers), num_loras, dtype=torch.int64, device=device)
+        self.routed = torch.zeros((), dtype=torch.int64, device=device)
+        self.real: torch.Tensor | None = None  # [T] float32 for the forward in progress
+        self.recorded: dict[int, list[torch.Tensor]] | None = None  # layer -> ids [T_real, k] per forward
+
+    def begin(self, num_tokens: int) -> None:
+        real = real_token_mask(num_tokens)
+        self.real = None if real is None else real.to(device=self.step.device, dtype=torch.float32)
+        if self.real is not None:
+            self.step.zero_()
+
+    def add(self, slot: int, mask: torch.Tensor, ids: torch.Tensor) -> None:
+        """Count one layer's selection: `mask [T, n]` float32, `ids [T, k]`."""
+        if self.real is None:
+            return
+        self.step[slot].addmv_(mask.t(), self.real)  # [n] += mask^T real
+        if self.recorded is not None:  # debugging aid: a host sync per layer, off by default
+            self.recorded[self.layers[slot]].append(ids[self.real.bool()].cpu())
+
+    def end(self) -> None:
+        if self.real is None:
+            return
+        self.activations.add_(self.step.round().to(torch.int64))
+        self.routed.add_(self.real.sum().round().to(torch.int64))
+        self.real = None
+
+    def snapshot(self) -> dict[str, list]:
+        """{"layers": [...], "activations": [[n] per layer], "routed": [tokens per layer]} as plain lists."""
+        routed = int(self.routed.item())
+        return {
+            "layers": list(self.layers),
+            "activations": self.activations.tolist(),
+            "routed": [routed] * len(self.layers),
+        }
+
+    def reset(self) -> None:
+        self.activations.zero_()
+        self.routed.zero_()
+
+    def record(self, on: bool) -> dict[int, list[list[int]]] | None:
+        """Start (on=True) or stop recording the selected ids; stopping returns {layer: [[ids of a token], ...]}."""
+        if on:
+            self.recorded = {layer: [] for layer in self.layers}
+            return None
+        out = {layer: torch.cat(ids).tolist() if ids else [] for layer, ids in (self.recorded or {}).items()}
+        self.recorded = None
+        return out

@@ -13,13 +13,11 @@ from functools import cache
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import (
-    get_tensor_model_parallel_rank,
-    get_tensor_model_parallel_world_size,
-    tensor_model_parallel_all_reduce,
-)
+from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.sequence import IntermediateTensors
 
 from remix_serve import routing
 from remix_serve.checkpoint import Checkpoint, load_checkpoint, router_name, tensor_name
@@ -43,11 +41,13 @@ def remix_checkpoint(vllm_config: VllmConfig) -> Checkpoint:
 
 
 class RemixMLP(LlamaMLP):
-    """LlamaMLP plus a router and a stacked LoRA bank per adapted projection.
+    """LlamaMLP plus a float32 router and a stacked LoRA bank per adapted projection.
 
-    Buffers (filled by `RemixLlamaForCausalLM.load_weights`): `router [n, D]` float32; `gate_up_A
-    [m*n*r, D]` (m = adapted projections among gate/up, stacked in that order) with `gate_B`/`up_B
-    [I/tp, n*r]`; `down_A [n*r, I/tp]`, `down_B [D, n*r]`. omega is folded into every B.
+    The bank matrices are vLLM linear layers, so they get the platform's GEMM (oneDNN with prepacked weights on
+    CPU, cuBLAS on CUDA) and vLLM's tensor-parallel sharding at load: `gate_up_A` (replicated, the A banks of the
+    adapted gate/up projections stacked: [m*n*r, D]), `gate_B` / `up_B` (column-parallel like gate_up_proj:
+    [I, n*r]), `down_A` (row-parallel like down_proj: [n*r, I]) and `down_B` (replicated: [D, n*r]). omega is
+    folded into every B at load.
     """
 
     def __init__(self, *, vllm_config: VllmConfig, ckpt: Checkpoint, layer: int, prefix: str):
@@ -68,80 +68,85 @@ class RemixMLP(LlamaMLP):
         self.weighting: routing.Weighting = rc.weighting
         self.gate_up_targets = [p for p in ("gate_proj", "up_proj") if p in rc.target_modules]
         self.adapt_down = "down_proj" in rc.target_modules
-        n, r, dtype = rc.num_loras, rc.rank, vllm_config.model_config.dtype
-        inter = cfg.intermediate_size // self.tp_size
+        n, dtype = rc.num_loras, vllm_config.model_config.dtype
+        D, inter, nr = cfg.hidden_size, cfg.intermediate_size, rc.num_loras * rc.rank
 
-        def param(*shape: int, dt: torch.dtype = dtype) -> nn.Parameter:
-            return nn.Parameter(torch.empty(*shape, dtype=dt), requires_grad=False)
-
-        self.router = param(n, cfg.hidden_size, dt=torch.float32)  # routing is computed in float32
+        # Routing is computed in float32 (METHOD.md); the router is tiny, a plain parameter is enough.
+        self.router = nn.Parameter(torch.empty(n, D, dtype=torch.float32), requires_grad=False)
         if self.gate_up_targets:
-            self.gate_up_A = param(len(self.gate_up_targets) * n * r, cfg.hidden_size)
+            m = len(self.gate_up_targets)
+            self.gate_up_A = ReplicatedLinear(D, m * nr, bias=False, params_dtype=dtype, prefix=f"{prefix}.gate_up_A")
             for proj in self.gate_up_targets:
-                setattr(self, f"{proj.removesuffix('_proj')}_B", param(inter, n * r))
+                name = proj.removesuffix("_proj") + "_B"
+                setattr(self, name, ColumnParallelLinear(nr, inter, bias=False, params_dtype=dtype,
+                                                         prefix=f"{prefix}.{name}"))  # fmt: skip
         if self.adapt_down:
-            self.down_A = param(n * r, inter)
-            self.down_B = param(cfg.hidden_size, n * r)
-        self.register_buffer("activations", torch.zeros(n, dtype=torch.int64), persistent=False)
-        self.register_buffer("routed_tokens", torch.zeros(1, dtype=torch.int64), persistent=False)
-        self.recorded: list[torch.Tensor] | None = None  # ids [T, k] per real forward, when recording
+            self.down_A = RowParallelLinear(inter, nr, bias=False, params_dtype=dtype, reduce_results=False,
+                                            input_is_parallel=True, prefix=f"{prefix}.down_A")  # fmt: skip
+            self.down_B = ReplicatedLinear(nr, D, bias=False, params_dtype=dtype, prefix=f"{prefix}.down_B")
+        self.counters: counters.RoutingCounters | None = None  # shared with the model; set by the model
+        self.slot = 0  # this layer's row in the counters
 
     @torch.no_grad()
     def load_bank(self, tensors: dict[str, torch.Tensor], omega: float) -> list[str]:
-        """Stack, fold omega into, and shard this layer's bank; returns the parameter names it filled."""
-        rank, world = get_tensor_model_parallel_rank(), self.tp_size
+        """Stack this layer's bank, fold omega into B, and load it through vLLM's (sharding) weight loaders.
+
+        Returns the names of the parameters it filled, relative to this module.
+        """
         self.router.copy_(tensors[router_name(self.layer)])
         filled = ["router"]
 
-        def stacked(proj: str, parallel: str) -> tuple[torch.Tensor, torch.Tensor]:
-            a, b = bank.stack_bank(
+        def load(module_name: str, full: torch.Tensor) -> None:
+            param = getattr(self, module_name).weight
+            param.weight_loader(param, full.to(param.dtype))
+            filled.append(f"{module_name}.weight")
+
+        def stacked(proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return bank.stack_bank(
                 tensors[tensor_name(self.layer, proj, "lora_A")].float(),
                 tensors[tensor_name(self.layer, proj, "lora_B")].float(),
                 omega,
             )
-            return bank.shard_bank(a, b, parallel, rank, world)  # type: ignore[arg-type]
 
         if self.gate_up_targets:
             a_parts = []
             for proj in self.gate_up_targets:
-                a, b = stacked(proj, "column")
+                a, b = stacked(proj)
                 a_parts.append(a)
-                getattr(self, f"{proj.removesuffix('_proj')}_B").copy_(b)
-                filled.append(f"{proj.removesuffix('_proj')}_B")
-            self.gate_up_A.copy_(torch.cat(a_parts))
-            filled.append("gate_up_A")
+                load(proj.removesuffix("_proj") + "_B", b)
+            load("gate_up_A", torch.cat(a_parts))
         if self.adapt_down:
-            a, b = stacked("down_proj", "row")
-            self.down_A.copy_(a)
-            self.down_B.copy_(b)
-            filled += ["down_A", "down_B"]
+            a, b = stacked("down_proj")
+            load("down_A", a)
+            load("down_B", b)
         return filled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[0]  # x: [T, D], vLLM's flat token batch
+        # x: [T, D], vLLM's flat token batch
         logits = routing.router_logits(x, self.router)  # [T, n] float32
         ids = routing.topk_ids(logits, self.top_k)  # [T, k]
         mask = routing.selection_mask(ids, self.num_loras)  # [T, n] float32
+        if self.counters is not None:
+            self.counters.add(self.slot, mask, ids)
         weights = mask if self.weighting == "constant" else routing.selection_weights(logits, ids, self.weighting)
         weights = weights.to(x.dtype)
-        real = counters.real_token_mask(T)
-        counters.add_counts(self.activations, self.routed_tokens, mask, real)
-        if self.recorded is not None and real is not None:
-            self.recorded.append(ids[real.to(ids.device)].cpu())
 
         gate_up, _ = self.gate_up_proj(x)  # [T, 2*I/tp]: gate half, then up half (packed_modules_mapping)
         if self.gate_up_targets:
-            h = bank.bank_shrink(x, self.gate_up_A, weights, self.rank)  # [T, m*n*r]
+            h_all, _ = self.gate_up_A(x)  # [T, m*n*r]
+            h_all = bank.mask_blocks(h_all, weights, self.rank)
             half = gate_up.shape[1] // 2
+            nr = self.num_loras * self.rank
             for j, proj in enumerate(self.gate_up_targets):
-                nr = self.num_loras * self.rank
-                b = getattr(self, f"{proj.removesuffix('_proj')}_B")
+                delta, _ = getattr(self, proj.removesuffix("_proj") + "_B")(h_all[:, j * nr : (j + 1) * nr])
                 lo = 0 if proj == "gate_proj" else half
-                gate_up[:, lo : lo + half].addmm_(h[:, j * nr : (j + 1) * nr], b.t())
+                gate_up[:, lo : lo + half] += delta  # [T, I/tp]
         act = self.act_fn(gate_up)  # [T, I/tp]
         out, _ = self.down_proj(act)  # [T, D], a partial sum when tp > 1
         if self.adapt_down:
-            out = out + bank.bank_delta(act, self.down_A, self.down_B, weights, self.rank)
+            h, _ = self.down_A(act)  # [T, n*r], a partial sum when tp > 1 (masking is linear, so that is fine)
+            delta, _ = self.down_B(bank.mask_blocks(h, weights, self.rank))
+            out = out + delta
         if self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out
@@ -175,8 +180,28 @@ class RemixLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=RemixDecoderLayer)
         self.remix_checkpoint = ckpt
 
+        mlps = sorted(self.remix_mlps(), key=lambda m: m.layer)
+        self.counters = counters.RoutingCounters(
+            [m.layer for m in mlps], ckpt.config.num_loras, self.model.embed_tokens.weight.device
+        )
+        for slot, mlp in enumerate(mlps):
+            mlp.counters, mlp.slot = self.counters, slot
+
     def remix_mlps(self) -> list[RemixMLP]:
         return [m for m in self.modules() if isinstance(m, RemixMLP)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        num_tokens = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+        self.counters.begin(num_tokens)
+        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        self.counters.end()
+        return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)
@@ -187,30 +212,13 @@ class RemixLlamaForCausalLM(LlamaForCausalLM):
                 loaded.add(f"{names[mlp]}.{param}")
         return loaded
 
-    # --- counters and routing records, read by the worker extension (worker.py) ---
+    # --- read by the worker extension (worker.py) ---
 
     def remix_counts(self) -> dict[str, list]:
-        """Cumulative counts: {"layers": [l...], "activations": [[n]...], "routed": [...]} (plain lists)."""
-        mlps = sorted(self.remix_mlps(), key=lambda m: m.layer)
-        return {
-            "layers": [m.layer for m in mlps],
-            "activations": [m.activations.tolist() for m in mlps],
-            "routed": [int(m.routed_tokens.item()) for m in mlps],
-        }
+        return self.counters.snapshot()
 
     def remix_reset_counts(self) -> None:
-        for m in self.remix_mlps():
-            m.activations.zero_()
-            m.routed_tokens.zero_()
+        self.counters.reset()
 
     def remix_record(self, on: bool) -> dict[int, list[list[int]]] | None:
-        """Start (on=True) or stop recording routing; stopping returns {layer: [[ids of a token]...]}."""
-        mlps = self.remix_mlps()
-        if on:
-            for m in mlps:
-                m.recorded = []
-            return None
-        out = {m.layer: torch.cat(m.recorded).tolist() if m.recorded else [] for m in mlps}
-        for m in mlps:
-            m.recorded = None
-        return out
+        return self.counters.record(on)
