@@ -144,3 +144,21 @@ def test_router_term_reaches_only_the_router(model):
 def test_rloo_needs_two_samples():
     with pytest.raises(ValueError, match="M >= 2"):
         rloo_router_loss(torch.zeros(3, 1), torch.zeros(3, 1))
+
+
+def test_batched_passes_match_a_plain_forward_of_repeated_rows(model):
+    """routed_losses shares the frozen layers before the first adapted one across the M copies; with the same
+    Gumbel draws it must give what a plain forward over B*M repeated rows gives (right padding included)."""
+    ids = torch.tensor([[5, 77, 140, 9, 2, 2], [201, 9, 33, 41, 17, 60]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    labels[:, :2] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    M = 3
+    losses, log_q = routed_losses(model, batch, M, torch.Generator().manual_seed(7))
+    rows = {k: v.repeat_interleave(M, 0) for k, v in batch.items()}
+    with torch.no_grad(), reference.routing_mode(model, "sample", torch.Generator().manual_seed(7)):
+        logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+        plain_log_q = reference.sequence_log_q(model, rows["attention_mask"]).view(2, M)
+    torch.testing.assert_close(losses.detach(), sequence_nll(logits, rows["labels"]).view(2, M), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(log_q.detach(), plain_log_q)

@@ -23,21 +23,26 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.sum(-1) / (target != IGNORE).sum(-1)
 
 
-def model_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`sequence_nll` of a causal LM on a collated batch, with the LM head run on supervised positions only.
+def head_nll(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`sequence_nll` from the decoder's final hidden states `[S, T, D]`, running the LM head on supervised rows only.
 
     The head is the costliest matmul of a small model with a large vocabulary (SmolLM2: 576 x 49152), and most
-    positions carry no loss, so this runs the decoder, keeps the rows that predict a label, and projects only
-    those. Same value as `sequence_nll(model(...).logits, labels)` up to float rounding. Returns `[S]` float32.
+    positions carry no loss, so only the rows that predict a label are projected. Same value as
+    `sequence_nll(model(...).logits, labels)` up to float rounding. Returns `[S]` float32.
     """
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]  # [S, T, D]
-    target = batch["labels"][:, 1:]  # [S, T-1]; position t predicts token t+1
+    target = labels[:, 1:]  # [S, T-1]; position t predicts token t+1
     keep = target != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V], N = supervised tokens
     nll = F.cross_entropy(logits.float(), target[keep], reduction="none")  # [N]
     rows = keep.nonzero()[:, 0]  # [N] sequence of each supervised token
     per_seq = torch.zeros(target.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
     return per_seq / keep.sum(-1)
+
+
+def model_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`head_nll` of a causal LM on a collated batch (input_ids, attention_mask, labels `[S, T]`) -> `[S]`."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    return head_nll(model, hidden, batch["labels"])
 
 
 def rloo_router_loss(losses: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from remix_serve.reference import (
 )
 from remix_serve.train import report
 from remix_serve.train.data import IGNORE, Example, collate, load_jsonl
-from remix_serve.train.rloo import model_nll, rloo_router_loss
+from remix_serve.train.rloo import head_nll, model_nll, rloo_router_loss
 
 RouterKind = Literal["remix", "softmax", "lora"]
 
@@ -98,6 +98,34 @@ class TrainResult:
     stopped_by: str | None  # "SIGINT" / "SIGTERM" when a signal ended the run early
 
 
+def repeated_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, M: int) -> torch.Tensor:
+    """Final hidden states of every example repeated M times, `[B*M, T, D]` (rows b*M .. b*M+M-1 are example b).
+
+    The decoder layers before the first adapted one are frozen and see no routing, so all M copies of an example
+    compute the same thing there: those layers run once per example, and the rows are repeated just before the
+    first adapted layer. This is the loop of transformers' `LlamaModel.forward` (transformers 5.19, pinned),
+    split in two; other architectures (their masks differ) run the whole decoder on the repeated rows instead.
+    """
+    decoder = model.get_decoder()
+    if type(decoder).__name__ != "LlamaModel":
+        return decoder(
+            input_ids=input_ids.repeat_interleave(M, 0), attention_mask=attention_mask.repeat_interleave(M, 0)
+        )[0]
+    from transformers.masking_utils import create_causal_mask
+
+    first = min(remix_mlps(model))
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # [1, T]
+    h = decoder.embed_tokens(input_ids)  # [B, T, D]
+    rope = decoder.rotary_emb(h, position_ids=positions)
+    for i, layer in enumerate(decoder.layers):
+        if i == first:
+            h, attention_mask = h.repeat_interleave(M, 0), attention_mask.repeat_interleave(M, 0)  # [B*M, T, ...]
+        if i in (0, first):
+            mask = create_causal_mask(decoder.config, h, attention_mask, None, position_ids=positions)
+        h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=positions)
+    return decoder.norm(h)
+
+
 def routed_losses(
     model: nn.Module, batch: dict[str, torch.Tensor], samples: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,10 +135,10 @@ def routed_losses(
     summed over adapted layers and non-padding tokens). Rows b*M .. b*M+M-1 of the forward are example b.
     """
     B, M = batch["input_ids"].shape[0], samples
-    rows = {k: v.repeat_interleave(M, dim=0) for k, v in batch.items()}  # [B*M, T]
     with routing_mode(model, "sample", generator):
-        losses = model_nll(model, rows).view(B, M)
-        log_q = sequence_log_q(model, rows["attention_mask"]).view(B, M)
+        hidden = repeated_hidden(model, batch["input_ids"], batch["attention_mask"], M)  # [B*M, T, D]
+        log_q = sequence_log_q(model, batch["attention_mask"].repeat_interleave(M, 0)).view(B, M)
+    losses = head_nll(model, hidden, batch["labels"].repeat_interleave(M, 0)).view(B, M)
     return losses, log_q
 
 
