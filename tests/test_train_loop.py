@@ -98,3 +98,12 @@ def test_micro_batching_gives_the_same_training_as_one_forward(tiny_base: Path, 
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(a[n], torch.zeros_like(a[n])) for n in a if n.endswith("lora_B"))  # it trained
+
+
+def test_out_folder_that_is_not_a_checkpoint_is_never_replaced(tiny_base: Path, task, tmp_path: Path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a remix checkpoint"):
+        train(_args(tiny_base, task, precious, max_steps=1))
+    assert (precious / "notes.txt").read_text() == "keep me"

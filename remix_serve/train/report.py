@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,7 @@ def model_card(config: RemixConfig, base_model: str, final: EvalResult, args: Tr
         f" n = {n} = perfectly even). Mean ESS of the per-token routing weights: {t['routing_weight_ess']:.3f}"
         f" (k = {k} by construction for constant weighting; the softmax baseline collapses toward 1).",
         "",
-        "![routing](routing.png)",
+        "![routing](routing.png)" if have_matplotlib() else "(no routing.png: matplotlib was not installed)",
         "",
         "| layer | " + " | ".join(f"LoRA {i}" for i in range(n)) + " | usage ESS |",
         "| --- | " + " | ".join("---" for _ in range(n)) + " | --- |",
@@ -115,10 +116,15 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def have_matplotlib() -> bool:
+    """matplotlib is a dev extra (`pip install -e .[dev]`); without it the checkpoint gets no routing.png."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def report_files(config: RemixConfig, base_model: str, final: EvalResult, args: TrainArgs) -> dict[str, str | bytes]:
-    """The extra files of a checkpoint written by remix-train: README.md and routing.png."""
-    title = f"{config.training['router']}: LoRA usage per layer (n={config.num_loras}, k={config.top_k})"
-    return {
-        "README.md": model_card(config, base_model, final, args),
-        "routing.png": routing_png(final.usage, final.usage_ess, title),
-    }
+    """The extra files of a checkpoint written by remix-train: README.md and (with matplotlib) routing.png."""
+    files: dict[str, str | bytes] = {"README.md": model_card(config, base_model, final, args)}
+    if have_matplotlib():
+        title = f"{config.training['router']}: LoRA usage per layer (n={config.num_loras}, k={config.top_k})"
+        files["routing.png"] = routing_png(final.usage, final.usage_ess, title)
+    return files

@@ -1,8 +1,9 @@
 """The remix-train recipe: base (bases.py) -> wrap (reference.py) -> data -> loop -> write (checkpoint.py).
 
-The loop does the same things in the same order each step: evaluate (every `eval_every` steps), forward and
-backward over the batch, clip, optimizer step, log, check for a stop signal. SIGINT or SIGTERM finishes the current
-step, then the last finished step is written as an ordinary checkpoint (written atomically by `save_checkpoint`).
+The loop does the same things in the same order each step: set the learning rate, forward and backward over the
+batch (micro-batches accumulate), clip, optimizer step, log, evaluate (every `eval_every` steps), check for a stop
+signal. SIGINT or SIGTERM finishes the current step, then the last finished step is written as an ordinary
+checkpoint (atomically, by `save_checkpoint`).
 
 Baselines are flag values, not separate trainers: `router="softmax"` (MixLoRA-style: deterministic top-k with
 learned renormalised weights, end to end by backprop) and `router="lora"` (n = k = 1, no router).
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from remix_serve import bases, routing
-from remix_serve.checkpoint import PROJECTIONS, RemixConfig, load_checkpoint
+from remix_serve.checkpoint import CONFIG_FILE, PROJECTIONS, RemixConfig, load_checkpoint
 from remix_serve.reference import (
     apply_remix,
     load_remix_tensors,
@@ -283,6 +284,12 @@ def train(args: TrainArgs) -> TrainResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t_start = time.time()
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / CONFIG_FILE).is_file():
+        # save_checkpoint replaces whatever is at `out`: only ever an earlier checkpoint.
+        raise ValueError(f"--out {out} exists and is not a remix checkpoint folder; refusing to replace it")
+    if not report.have_matplotlib():
+        print("remix-train: matplotlib is not installed; the checkpoint will have no routing.png", file=sys.stderr)
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     torch.manual_seed(args.seed)
 
