@@ -40,11 +40,13 @@ def test_fresh_bank_is_a_no_op(tiny_base: Path, tiny_ckpt: Path):
 def test_one_token_mlp_output_matches_method_formula(tiny_base: Path, tiny_ckpt: Path):
     """y = W z + omega * sum_{i in I} B_i A_i z on every projection, I = top-k of P x, computed by hand."""
     loaded = ck.load_checkpoint(tiny_ckpt)
-    cfg, t = loaded.config, loaded.tensors
-    model = reference.apply_remix(_base(tiny_base), cfg, t)
+    cfg = loaded.config
+    t = {name: v.double() for name, v in loaded.tensors.items()}
+    # float64 on both sides, so the comparison checks the formula, not float32 rounding
+    model = reference.apply_remix(_base(tiny_base), cfg, loaded.tensors).double()
     mlp = reference.remix_mlps(model)[1]
     base = mlp.base_mlp
-    x = torch.randn(128, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(128, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
     P = t["layers.1.router.weight"]
     scores = [float(P[i] @ x) for i in range(cfg.num_loras)]
@@ -61,7 +63,7 @@ def test_one_token_mlp_output_matches_method_formula(tiny_base: Path, tiny_ckpt:
     expected = proj("down_proj", h)
     with torch.no_grad():
         got = mlp(x[None, None, :])[0, 0]
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tiny_ckpt: Path, tmp_path: Path):
