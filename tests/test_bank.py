@@ -79,7 +79,6 @@ def test_row_parallel_partial_deltas_sum_to_the_full_delta(parts, world):
     a_all, b_all = bank.stack_bank(lora_A, lora_B, 0.5)
     cols = D // world
     partial = [
-        delta(x[:, rk * cols : (rk + 1) * cols], a_all[:, rk * cols : (rk + 1) * cols], b_all, w)
-        for rk in range(world)
+        delta(x[:, rk * cols : (rk + 1) * cols], a_all[:, rk * cols : (rk + 1) * cols], b_all, w) for rk in range(world)
     ]
     torch.testing.assert_close(torch.stack(partial).sum(0), delta(x, a_all, b_all, w), rtol=1e-5, atol=1e-5)

@@ -30,9 +30,10 @@ PROMPTS = [
 def make_llm(base: Path, ckpt: Path, dtype: str = "float32", max_model_len: int = 256):
     from vllm import LLM
 
+    archs = json.loads((Path(base) / "config.json").read_text())["architectures"]
     return LLM(
         model=str(base),
-        hf_overrides=hf_overrides(str(ckpt), ["LlamaForCausalLM"]),
+        hf_overrides=hf_overrides(str(ckpt), archs),
         dtype=dtype,
         enforce_eager=True,
         max_model_len=max_model_len,
@@ -124,6 +125,22 @@ def test_softmax_checkpoint_matches_reference(tiny_base: Path, tmp_path_factory)
         model, _ = reference.load_model(ckpt)
         for o in llm.generate(PROMPTS[:4], greedy(16)):
             assert list(o.outputs[0].token_ids) == hf_greedy(model, list(o.prompt_token_ids), 16), o.prompt
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_bases_match_reference(arch, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(arch)
+    base = tiny.build_tiny_base(folder / "base", arch=arch, seed=3)
+    ckpt = tiny.build_tiny_checkpoint(
+        folder / "ckpt", base, seed=4, layers=[0], target_modules=("gate_proj", "down_proj")
+    )
+    llm = make_llm(base, ckpt)
+    try:
+        model, _ = reference.load_model(ckpt)
+        for o in llm.generate(PROMPTS[:4], greedy(16)):
+            assert list(o.outputs[0].token_ids) == hf_greedy(model, list(o.prompt_token_ids), 16), (arch, o.prompt)
     finally:
         llm.llm_engine.engine_core.shutdown()
 

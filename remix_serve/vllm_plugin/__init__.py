@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-ARCHITECTURES: dict[str, str] = {
-    # ReMix architecture -> "module:Class"; the base architecture it extends is the value's parent class.
-    "RemixLlamaForCausalLM": "remix_serve.vllm_plugin.model:RemixLlamaForCausalLM",
+# Base architecture (as in a model's config.json) -> the ReMix architecture that extends it.
+BASE_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "RemixLlamaForCausalLM",
+    "MistralForCausalLM": "RemixMistralForCausalLM",
+    "Qwen2ForCausalLM": "RemixQwen2ForCausalLM",
 }
-BASE_ARCHITECTURES: dict[str, str] = {"LlamaForCausalLM": "RemixLlamaForCausalLM"}
+# ReMix architecture -> "module:Class", imported lazily by vLLM.
+ARCHITECTURES: dict[str, str] = {arch: f"remix_serve.vllm_plugin.model:{arch}" for arch in BASE_ARCHITECTURES.values()}
 WORKER_EXTENSION = "remix_serve.vllm_plugin.worker.RemixWorkerExtension"
 
 

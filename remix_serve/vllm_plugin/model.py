@@ -1,8 +1,8 @@
-"""ReMix Llama for vLLM: per-token top-k routing over batched LoRA banks on every adapted MLP.
+"""ReMix models for vLLM: per-token top-k routing over batched LoRA banks on every adapted MLP.
 
-Adapted from vllm/model_executor/models/llama.py (vLLM 0.32.0): `RemixMLP` extends `LlamaMLP`,
-`RemixDecoderLayer` extends `LlamaDecoderLayer`, and `RemixLlamaForCausalLM` passes `layer_type=` to
-`LlamaForCausalLM`. The checkpoint is named in `hf_config.remix["checkpoint"]` (set through `hf_overrides`).
+Built on vllm/model_executor/models/{llama,mistral,qwen2}.py (vLLM 0.32.0): `RemixMLP` extends `LlamaMLP` (whose
+parameters Mistral's and Qwen2's MLPs share), and `RemixModelMixin` turns each base CausalLM into its ReMix
+variant. The checkpoint is named in `hf_config.remix["checkpoint"]` (set through `hf_overrides`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
-from vllm.model_executor.models.utils import extract_layer_index
+from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaMLP
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from remix_serve import routing
@@ -152,24 +154,18 @@ class RemixMLP(LlamaMLP):
         return out
 
 
-class RemixDecoderLayer(LlamaDecoderLayer):
-    """A LlamaDecoderLayer whose MLP is a RemixMLP on the checkpoint's adapted layers."""
+class RemixModelMixin:
+    """Turns a vLLM CausalLM with a gate/up/down MLP into its ReMix variant (mixed in before the base class).
 
-    def __init__(self, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        ckpt = remix_checkpoint(vllm_config)
-        layer = extract_layer_index(prefix)
-        if layer in ckpt.config.adapted_layers:
-            # Replaces the LlamaMLP built by super().__init__ (LlamaDecoderLayer has no MLP-type hook).
-            self.mlp = RemixMLP(vllm_config=vllm_config, ckpt=ckpt, layer=layer, prefix=f"{prefix}.mlp")
-
-
-class RemixLlamaForCausalLM(LlamaForCausalLM):
-    """LlamaForCausalLM (SmolLM2, Llama 3) with ReMix banks; base weights load through vLLM's own loader."""
+    After the base model is built, the MLP of every adapted layer is replaced by a RemixMLP (same parameter
+    names, plus router and bank). Swapping after construction works for every supported base, including
+    Qwen2ForCausalLM, which takes no `layer_type`; the replaced MLP is built once and dropped before any weight
+    is loaded.
+    """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         ckpt = remix_checkpoint(vllm_config)  # validate before any weight is allocated
-        hf = vllm_config.model_config.hf_config
+        hf = vllm_config.model_config.hf_config.get_text_config()
         fp = ckpt.config.base_fingerprint
         actual = (hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, hf.vocab_size)
         if actual != (fp.hidden_size, fp.num_hidden_layers, fp.intermediate_size, fp.vocab_size):
@@ -177,13 +173,18 @@ class RemixLlamaForCausalLM(LlamaForCausalLM):
                 f"{ckpt.path}/remix_config.json: base_fingerprint {fp.model_dump()} does not match the served"
                 f" model (hidden, layers, intermediate, vocab) = {actual}"
             )
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=RemixDecoderLayer)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.remix_checkpoint = ckpt
-
+        layers_prefix = f"{maybe_prefix(prefix, 'model')}.layers"
+        for layer in ckpt.config.adapted_layers:
+            decoder = self.model.layers[layer]
+            if hasattr(decoder, "mlp"):  # pipeline parallelism leaves other ranks' layers as placeholders
+                decoder.mlp = RemixMLP(
+                    vllm_config=vllm_config, ckpt=ckpt, layer=layer, prefix=f"{layers_prefix}.{layer}.mlp"
+                )
         mlps = sorted(self.remix_mlps(), key=lambda m: m.layer)
-        self.counters = counters.RoutingCounters(
-            [m.layer for m in mlps], ckpt.config.num_loras, self.model.embed_tokens.weight.device
-        )
+        device = mlps[0].router.device if mlps else torch.device("cpu")
+        self.counters = counters.RoutingCounters([m.layer for m in mlps], ckpt.config.num_loras, device)
         for slot, mlp in enumerate(mlps):
             mlp.counters, mlp.slot = self.counters, slot
 
@@ -222,3 +223,15 @@ class RemixLlamaForCausalLM(LlamaForCausalLM):
 
     def remix_record(self, on: bool) -> dict[int, list[list[int]]] | None:
         return self.counters.record(on)
+
+
+class RemixLlamaForCausalLM(RemixModelMixin, LlamaForCausalLM):
+    """Llama (SmolLM2, Llama 2/3) with ReMix banks; base weights load through vLLM's own loader."""
+
+
+class RemixMistralForCausalLM(RemixModelMixin, MistralForCausalLM):
+    """Mistral with ReMix banks."""
+
+
+class RemixQwen2ForCausalLM(RemixModelMixin, Qwen2ForCausalLM):
+    """Qwen2 with ReMix banks."""
