@@ -22,12 +22,12 @@ def free_port() -> int:
 class RemixServer:
     """`remix-serve --adapter CKPT` on a free port; waits for /health; SIGTERM on close."""
 
-    def __init__(self, adapter: Path, *extra: str, log: Path):
+    def __init__(self, adapter: Path, *extra: str, log: Path, dtype: str = "float32"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         argv = [sys.executable, "-m", "remix_serve.server.cli", "--adapter", str(adapter), "--port", str(self.port),
-                "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory-bytes", str(128 << 20),
+                "--dtype", dtype, "--max-model-len", "512", "--kv-cache-memory-bytes", str(128 << 20),
                 "--no-enable-prefix-caching", *extra]  # fmt: skip
         self.log = open(log, "w")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ})
