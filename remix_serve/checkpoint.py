@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -255,6 +255,17 @@ def load_checkpoint(path: str | os.PathLike, *, check_base: bool = True) -> Chec
     return Checkpoint(path=folder, config=config, tensors=tensors)
 
 
+def fingerprint_problems(config: RemixConfig, actual: BaseFingerprint, where: str, base: str) -> list[str]:
+    """One line per fingerprint field where the checkpoint's base (`config`) and `actual` differ."""
+    stored = config.base_fingerprint
+    return [
+        f"{where}: base_fingerprint.{key} is {getattr(stored, key)}, but {base} has {getattr(actual, key)}"
+        " (trained on another base?)"
+        for key in BaseFingerprint.model_fields
+        if getattr(stored, key) != getattr(actual, key)
+    ]
+
+
 def check_base_model(config: RemixConfig, folder: Path) -> list[str]:
     """Problems with the checkpoint's base model: it must exist and have the stored fingerprint."""
     from remix_serve import bases  # bases imports this module for BaseFingerprint
@@ -263,15 +274,7 @@ def check_base_model(config: RemixConfig, folder: Path) -> list[str]:
         actual = bases.base_fingerprint(config.base_model, relative_to=folder)
     except bases.BaseModelError as e:
         return [f"{folder / CONFIG_FILE}: base_model: {e}"]
-    problems = []
-    stored = config.base_fingerprint
-    for key in BaseFingerprint.model_fields:
-        if getattr(stored, key) != getattr(actual, key):
-            problems.append(
-                f"{folder / CONFIG_FILE}: base_fingerprint.{key} is {getattr(stored, key)}, but base"
-                f" {config.base_model!r} has {getattr(actual, key)} (trained on another base?)"
-            )
-    return problems
+    return fingerprint_problems(config, actual, str(folder / CONFIG_FILE), f"base {config.base_model!r}")
 
 
 def save_checkpoint(
@@ -332,10 +335,3 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
     os.rename(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def stack_names(config: RemixConfig) -> Iterable[tuple[int, str]]:
-    """(layer, projection) pairs of the adapted banks, in a fixed order."""
-    for layer in config.adapted_layers:
-        for proj in config.target_modules:
-            yield layer, proj

@@ -146,13 +146,25 @@ def test_mistral_and_qwen2_bases_match_reference(arch, tmp_path_factory):
 
 
 BAD_ENGINE = """
-import sys
+import json, sys
+from pathlib import Path
 from remix_serve.vllm_plugin import hf_overrides
 if __name__ == "__main__":
     from vllm import LLM
-    LLM(model=sys.argv[1], hf_overrides=hf_overrides(sys.argv[2], ["LlamaForCausalLM"]), dtype="float32",
+    archs = json.loads((Path(sys.argv[1]) / "config.json").read_text())["architectures"]
+    LLM(model=sys.argv[1], hf_overrides=hf_overrides(sys.argv[2], archs), dtype="float32",
         enforce_eager=True, max_model_len=128, kv_cache_memory_bytes=32 << 20)
 """
+
+
+def start_engine_log(base: Path, ckpt: Path, tmp_path: Path) -> str:
+    """Start an engine in a subprocess (it must fail) and return its output."""
+    script = tmp_path / "start.py"
+    script.write_text(BAD_ENGINE)
+    proc = subprocess.run([sys.executable, str(script), str(base), str(ckpt)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr  # vLLM logs the engine process's error to stdout
 
 
 def test_corrupt_checkpoint_fails_engine_start_with_checkpoint_error(tiny_base: Path, tiny_ckpt: Path, tmp_path: Path):
@@ -163,56 +175,14 @@ def test_corrupt_checkpoint_fails_engine_start_with_checkpoint_error(tiny_base: 
     cfg = json.loads((bad / "remix_config.json").read_text())
     cfg["top_k"] = 9
     (bad / "remix_config.json").write_text(json.dumps(cfg))
-    script = tmp_path / "start.py"
-    script.write_text(BAD_ENGINE)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_base), str(bad)], capture_output=True, text=True, timeout=300
-    )
-    log = proc.stdout + proc.stderr  # vLLM logs the engine process's error to stdout
-    assert proc.returncode != 0
+    log = start_engine_log(tiny_base, bad, tmp_path)
     assert f"CheckpointError: {bad}/remix_config.json: top_k=9 is larger than num_loras=4" in log, log[-3000:]
 
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three primary colors.",
-    "What is 12 times 12?",
-    "Translate 'good morning' into Spanish.",
-    "Name a planet in the solar system.",
-    "Why is the sky blue?",
-    "Give me a synonym for happy.",
-]
-
-
-@pytest.mark.integration
-def test_smollm2_checkpoint_matches_reference_token_for_token(tmp_path_factory):
-    """The bundled SmolLM2-135M with a random n=8, k=2, r=8 bank on all 30 layers, float32 on both sides."""
-    from remix_serve import bases
-    from remix_serve.checkpoint import save_checkpoint
-
-    spec = bases.BUNDLED["smollm2-135m"]
-    cfg = tiny.tiny_config("smollm2-135m", spec.fingerprint, num_loras=8, top_k=2, rank=8, alpha=32.0)
-    ckpt = save_checkpoint(tmp_path_factory.mktemp("smol") / "smol-remix", cfg, tiny.random_adapter(cfg, 3, 0.05))
-    base = bases.resolve_base("smollm2-135m")
-    model, tok = reference.load_model(ckpt)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=True)["input_ids"] for p in CHAT_PROMPTS]  # fmt: skip
-    from vllm import TokensPrompt
-
-    llm = make_llm(base, ckpt)
-    try:
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy(32))
-        llm.collective_rpc("remix_record", args=(True,))
-        (one,) = llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], greedy(8))
-        (recorded,) = llm.collective_rpc("remix_record", args=(False,))
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    for p, o in zip(prompts, outs, strict=True):
-        assert list(o.outputs[0].token_ids) == hf_greedy(model, p, 32), tok.decode(p)
-    seq = prompts[0] + list(one.outputs[0].token_ids)[:-1]
-    with torch.no_grad(), reference.record_routing(model) as ref:
-        model(torch.tensor([seq]))
-    assert sorted(recorded) == list(range(30))
-    for layer in range(30):
-        assert recorded[layer] == ref[layer][0][0].tolist(), layer
+def test_checkpoint_for_another_base_fails_engine_start(tiny_ckpt: Path, tmp_path: Path):
+    other = tiny.build_tiny_base(tmp_path / "other", intermediate_size=384)
+    log = start_engine_log(other, tiny_ckpt, tmp_path)
+    expected = (
+        f"CheckpointError: {tiny_ckpt}/remix_config.json: base_fingerprint.intermediate_size is 256, but the served"
+    )
+    assert expected in log and "has 384 (trained on another base?)" in log, log[-3000:]

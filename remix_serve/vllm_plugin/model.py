@@ -22,7 +22,16 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from remix_serve import routing
-from remix_serve.checkpoint import Checkpoint, load_checkpoint, router_name, tensor_name
+from remix_serve.checkpoint import (
+    CONFIG_FILE,
+    BaseFingerprint,
+    Checkpoint,
+    CheckpointError,
+    fingerprint_problems,
+    load_checkpoint,
+    router_name,
+    tensor_name,
+)
 from remix_serve.vllm_plugin import bank, counters
 
 
@@ -165,14 +174,14 @@ class RemixModelMixin:
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         ckpt = remix_checkpoint(vllm_config)  # validate before any weight is allocated
+        # The served model may not be the checkpoint's own base (--model X with a checkpoint trained on Y).
         hf = vllm_config.model_config.hf_config.get_text_config()
-        fp = ckpt.config.base_fingerprint
-        actual = (hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, hf.vocab_size)
-        if actual != (fp.hidden_size, fp.num_hidden_layers, fp.intermediate_size, fp.vocab_size):
-            raise ValueError(
-                f"{ckpt.path}/remix_config.json: base_fingerprint {fp.model_dump()} does not match the served"
-                f" model (hidden, layers, intermediate, vocab) = {actual}"
-            )
+        served = BaseFingerprint(**{key: getattr(hf, key) for key in BaseFingerprint.model_fields})
+        problems = fingerprint_problems(
+            ckpt.config, served, f"{ckpt.path}/{CONFIG_FILE}", f"the served model {vllm_config.model_config.model!r}"
+        )
+        if problems:
+            raise CheckpointError(problems)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.remix_checkpoint = ckpt
         layers_prefix = f"{maybe_prefix(prefix, 'model')}.layers"
