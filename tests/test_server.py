@@ -221,6 +221,24 @@ def test_client_disconnect_aborts_the_request(server):
     assert running_requests(server) == 0
 
 
+def test_scraping_during_generation_is_fast_and_does_not_stall_it(server):
+    body = {"model": MODEL, "prompt": "scrape", "max_tokens": 150, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    scrape_times, usage = [], None
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:  # fmt: skip
+        for i, line in enumerate(r.iter_lines()):
+            if line.startswith("data: {") and '"usage":{' in line.replace(" ", ""):
+                usage = line
+            if i % 10 == 0:
+                t = time.perf_counter()
+                assert "remix_lora_activations_total" in httpx.get(f"{server.url}/metrics", timeout=10).text
+                scrape_times.append(time.perf_counter() - t)
+    assert usage is not None and '"completion_tokens":150' in usage.replace(" ", "")
+    assert len(scrape_times) >= 10
+    assert max(scrape_times) < 1.0, scrape_times
+
+
 def test_32_concurrent_streams_complete_with_every_token_accounted(server):
     async def one(i: int, aclient: openai.AsyncOpenAI) -> tuple[int, int]:
         stream = await aclient.completions.create(
