@@ -143,9 +143,9 @@ def test_logprobs_echo_n_and_seed(client):
     # up to logprobs + 1 entries (the chosen token is added); byte tokens that decode alike share a key
     assert all(1 <= len(t) <= 4 for t in lp.top_logprobs[1:])
     assert out.choices[0].text.startswith("abc")
-    many = client.completions.create(model=MODEL, prompt="abc", max_tokens=6, n=3, seed=7, temperature=1.0)
+    many = client.completions.create(model=MODEL, prompt="abc", max_tokens=6, n=3, seed=7, temperature=1.0, top_p=0.9)
     assert len(many.choices) == 3
-    again = client.completions.create(model=MODEL, prompt="abc", max_tokens=6, n=3, seed=7, temperature=1.0)
+    again = client.completions.create(model=MODEL, prompt="abc", max_tokens=6, n=3, seed=7, temperature=1.0, top_p=0.9)
     assert [c.text for c in many.choices] == [c.text for c in again.choices]
 
 
