@@ -146,10 +146,8 @@ def build_tiny_checkpoint(
     folder: str | os.PathLike, base_folder: str | os.PathLike, seed: int = 0, **config_kwargs
 ) -> Path:
     """Write a random remix/v1 checkpoint on the tiny base at `base_folder` (stored as an absolute path)."""
-    import json
+    from remix_serve.bases import base_fingerprint
 
     base_folder = Path(base_folder).resolve()
-    hf = json.loads((base_folder / "config.json").read_text())
-    fp = BaseFingerprint(**{k: hf[k] for k in BaseFingerprint.model_fields})
-    config = tiny_config(str(base_folder), fp, **config_kwargs)
+    config = tiny_config(str(base_folder), base_fingerprint(str(base_folder)), **config_kwargs)
     return save_checkpoint(folder, config, random_adapter(config, seed))

@@ -51,6 +51,11 @@ def remix_checkpoint(vllm_config: VllmConfig) -> Checkpoint:
     return _checkpoint(str(spec["checkpoint"]))
 
 
+def _b_name(proj: str) -> str:
+    """RemixMLP attribute of a gate/up projection's B bank: gate_proj -> gate_B."""
+    return proj.removesuffix("_proj") + "_B"
+
+
 class RemixMLP(LlamaMLP):
     """LlamaMLP plus a float32 router and a stacked LoRA bank per adapted projection.
 
@@ -88,9 +93,11 @@ class RemixMLP(LlamaMLP):
             m = len(self.gate_up_targets)
             self.gate_up_A = ReplicatedLinear(D, m * nr, bias=False, params_dtype=dtype, prefix=f"{prefix}.gate_up_A")
             for proj in self.gate_up_targets:
-                name = proj.removesuffix("_proj") + "_B"
+                name = _b_name(proj)
                 setattr(self, name, ColumnParallelLinear(nr, inter, bias=False, params_dtype=dtype,
                                                          prefix=f"{prefix}.{name}"))  # fmt: skip
+        # (B layer, is it up_proj's) per adapted gate/up projection, in gate_up_A's block order; read by forward
+        self.gate_up_expand = [(getattr(self, _b_name(p)), p == "up_proj") for p in self.gate_up_targets]
         if self.adapt_down:
             self.down_A = RowParallelLinear(inter, nr, bias=False, params_dtype=dtype, reduce_results=False,
                                             input_is_parallel=True, prefix=f"{prefix}.down_A")  # fmt: skip
@@ -124,7 +131,7 @@ class RemixMLP(LlamaMLP):
             for proj in self.gate_up_targets:
                 a, b = stacked(proj)
                 a_parts.append(a)
-                load(proj.removesuffix("_proj") + "_B", b)
+                load(_b_name(proj), b)
             load("gate_up_A", torch.cat(a_parts))
         if self.adapt_down:
             a, b = stacked("down_proj")
@@ -146,12 +153,10 @@ class RemixMLP(LlamaMLP):
         if self.gate_up_targets:
             h_all, _ = self.gate_up_A(x)  # [T, m*n*r]
             h_all = bank.mask_blocks(h_all, weights, self.rank)
-            half = gate_up.shape[1] // 2
-            nr = self.num_loras * self.rank
-            for j, proj in enumerate(self.gate_up_targets):
-                delta, _ = getattr(self, proj.removesuffix("_proj") + "_B")(h_all[:, j * nr : (j + 1) * nr])
-                lo = 0 if proj == "gate_proj" else half
-                gate_up[:, lo : lo + half] += delta  # [T, I/tp]
+            half, nr = gate_up.shape[1] // 2, self.num_loras * self.rank
+            for j, (expand, is_up) in enumerate(self.gate_up_expand):
+                delta, _ = expand(h_all[:, j * nr : (j + 1) * nr])  # [T, I/tp]
+                gate_up[:, is_up * half : (is_up + 1) * half] += delta
         act = self.act_fn(gate_up)  # [T, I/tp]
         out, _ = self.down_proj(act)  # [T, D], a partial sum when tp > 1
         if self.adapt_down:
