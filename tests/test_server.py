@@ -294,6 +294,24 @@ def test_bad_checkpoint_exits_2_with_message_and_never_listens(tiny_ckpt: Path, 
         httpx.get(f"http://127.0.0.1:{port}/health")
 
 
+def test_unsupported_base_architecture_exits_2(tiny_base: Path, tmp_path: Path):
+    import json
+    import shutil
+
+    from remix_serve import tiny
+
+    base = tmp_path / "phi"
+    shutil.copytree(tiny_base, base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["architectures"] = ["PhiForCausalLM"]
+    (base / "config.json").write_text(json.dumps(cfg))
+    ckpt = tiny.build_tiny_checkpoint(tmp_path / "ckpt", base)
+    proc = subprocess.run([sys.executable, "-m", "remix_serve.server.cli", "--adapter", str(ckpt)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "base architectures ['PhiForCausalLM'] are not supported by remix-serve; supported:" in proc.stderr
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_ckpt: Path, tmp_path: Path):
     srv = RemixServer(tiny_ckpt, "--shutdown-timeout", "30", log=tmp_path / "drain.log").wait_ready()
     try:

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ckpt = load_checkpoint(args.adapter)
         base = bases.resolve_base(ckpt.config.base_model, relative_to=ckpt.path)
-    except (CheckpointError, bases.BaseModelError) as e:
+        argv_for_vllm = vllm_argv(args, base, passthrough)
+    except (CheckpointError, bases.BaseModelError, ValueError) as e:  # ValueError: an unsupported base architecture
         print(f"remix-serve: invalid checkpoint {args.adapter}:\n{e}", file=sys.stderr)
         sys.exit(EXIT_BAD_CHECKPOINT)
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="remix-serve (vLLM flags)"))
-    vllm_args = parser.parse_args(vllm_argv(args, base, passthrough))
+    vllm_args = parser.parse_args(argv_for_vllm)
     configure_logging_from_args(vllm_args)
     validate_parsed_serve_args(vllm_args)
     uvloop.run(run_server(vllm_args))
