@@ -294,6 +294,45 @@ def test_bad_checkpoint_exits_2_with_message_and_never_listens(tiny_ckpt: Path, 
         httpx.get(f"http://127.0.0.1:{port}/health")
 
 
+def test_plain_vllm_server_serves_a_checkpoint_through_hf_overrides(tiny_base: Path, tiny_ckpt: Path, tmp_path: Path):
+    """README's "Plain vLLM" command: vLLM's own server, the plugin found through its entry point."""
+    import json
+    import os
+
+    from remix_serve.vllm_plugin import WORKER_EXTENSION, hf_overrides
+
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_base),
+            "--hf-overrides", json.dumps(hf_overrides(str(tiny_ckpt), ["LlamaForCausalLM"])),
+            "--worker-extension-cls", WORKER_EXTENSION, "--enforce-eager", "--dtype", "float32",
+            "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20), "--port", str(port),
+            "--served-model-name", "plain"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    with open(tmp_path / "plain.log", "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "plain.log").read_text()[-3000:]
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.5)
+            with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0) as c:
+                out = c.completions.create(model="plain", prompt="abc", max_tokens=8, temperature=0,
+                                           extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    model, tok = reference.load_model(tiny_ckpt)
+    x = torch.tensor([tok("abc")["input_ids"]])
+    with torch.no_grad():
+        expected = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, min_new_tokens=8,
+                                  do_sample=False, eos_token_id=None)[0, 3:]  # fmt: skip
+    assert out.choices[0].model_extra["token_ids"] == expected.tolist()
+
+
 def test_unsupported_base_architecture_exits_2(tiny_base: Path, tmp_path: Path):
     import json
     import shutil
