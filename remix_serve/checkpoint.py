@@ -176,7 +176,8 @@ def load_config(path: str | os.PathLike) -> RemixConfig:
     """Read and validate `remix_config.json` of the checkpoint folder `path`. Raises CheckpointError."""
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError([f"{folder}: checkpoint folder does not exist"])
+        what = "is a file, not a checkpoint folder" if folder.exists() else "checkpoint folder does not exist"
+        raise CheckpointError([f"{folder}: {what}"])
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise CheckpointError([f"{cfg_path}: missing ({CONFIG_FILE} is required in a remix/v1 checkpoint)"])

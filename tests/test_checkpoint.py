@@ -175,3 +175,10 @@ def test_save_replaces_existing_checkpoint(tiny_ckpt: Path, tmp_path: Path):
     assert all(t.abs().sum() == 0 for t in again.tensors.values())
     assert (dest / "README.md").read_text() == "# card\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_file_or_missing_path_is_not_a_checkpoint(tiny_ckpt: Path, tmp_path: Path):
+    with pytest.raises(ck.CheckpointError, match="is a file, not a checkpoint folder"):
+        ck.load_checkpoint(tiny_ckpt / ck.ADAPTER_FILE)
+    with pytest.raises(ck.CheckpointError, match="checkpoint folder does not exist"):
+        ck.load_checkpoint(tmp_path / "nowhere")
