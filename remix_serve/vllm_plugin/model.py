@@ -11,9 +11,14 @@ from collections.abc import Iterable
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaMLP
 from vllm.model_executor.models.mistral import MistralForCausalLM
@@ -51,35 +56,32 @@ def remix_checkpoint(vllm_config: VllmConfig) -> Checkpoint:
     return _checkpoint(str(spec["checkpoint"]))
 
 
-def _b_name(proj: str) -> str:
-    """RemixMLP attribute of a gate/up projection's B bank: gate_proj -> gate_B."""
-    return proj.removesuffix("_proj") + "_B"
-
-
 class RemixMLP(LlamaMLP):
-    """LlamaMLP plus a float32 router and a stacked LoRA bank per adapted projection.
+    """LlamaMLP plus a float32 router and a stacked LoRA bank per adapted projection, its expand GEMM fused.
 
-    The bank matrices are vLLM linear layers, so they get the platform's GEMM (oneDNN with prepacked weights on
-    CPU, cuBLAS on CUDA) and vLLM's tensor-parallel sharding at load: `gate_up_A` (replicated, the A banks of the
-    adapted gate/up projections stacked: [m*n*r, D]), `gate_B` / `up_B` (column-parallel like gate_up_proj:
-    [I, n*r]), `down_A` (row-parallel like down_proj: [n*r, I]) and `down_B` (replicated: [D, n*r]). omega is
-    folded into every B at load.
+    The shrink GEMMs are vLLM linear layers: `gate_up_A` (the A banks of the adapted gate/up projections stacked,
+    replicated: [m*n*r, D]) and `down_A` (row-parallel like down_proj: [n*r, I]). The expand GEMM has no layer of
+    its own: B (omega folded in) is appended to the base weight along its input dimension and the masked shrink
+    output to the input, so `[x | h] @ [W | B]^T = x W^T + h B^T` is one large GEMM per projection: `gate_fused`
+    and `up_fused` (column-parallel shards of gate_proj / up_proj plus B's rows) and `down_fused` (down_proj's row
+    shard plus the whole B; masking is linear, so B may act on the shrink's partial sums before the all-reduce).
+    On CPU this saves three small GEMMs and two strided adds per layer, which cost far more than their
+    arithmetic; on GPU it saves kernel launches. `load_bank` builds the fused weights from the base shards that
+    vLLM's own loader filled, then drops the unfused base layers.
     """
 
     def __init__(self, *, vllm_config: VllmConfig, ckpt: Checkpoint, layer: int, prefix: str):
         cfg = vllm_config.model_config.hf_config
-        self.tp_size = get_tensor_model_parallel_world_size()
-        # down_proj's partial sums are reduced here, after the bank delta is added (see forward).
-        super().__init__(
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            hidden_act=cfg.hidden_act,
-            quant_config=vllm_config.quant_config,
-            bias=getattr(cfg, "mlp_bias", False),
-            prefix=prefix,
-            reduce_results=False,
-        )
-        rc = ckpt.config
+        if vllm_config.quant_config is not None:
+            raise ValueError(
+                "ReMix serves unquantized base models only: its bank is fused into the base MLP weights "
+                f"(got quantization {vllm_config.model_config.quantization!r})"
+            )
+        self.tp_size, self.tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        bias, rc = getattr(cfg, "mlp_bias", False), ckpt.config
+        # down_proj reduces its own partial sums; an adapted one is replaced by down_fused, reduced in forward.
+        super().__init__(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                         hidden_act=cfg.hidden_act, bias=bias, prefix=prefix)  # fmt: skip
         self.layer, self.num_loras, self.top_k, self.rank = layer, rc.num_loras, rc.top_k, rc.rank
         self.weighting: routing.Weighting = rc.weighting
         self.gate_up_targets = [p for p in ("gate_proj", "up_proj") if p in rc.target_modules]
@@ -87,37 +89,39 @@ class RemixMLP(LlamaMLP):
         n, dtype = rc.num_loras, vllm_config.model_config.dtype
         D, inter, nr = cfg.hidden_size, cfg.intermediate_size, rc.num_loras * rc.rank
 
+        def fused(make: type, in_features: int, out_features: int, name: str) -> nn.Module:
+            # Built on the meta device: load_bank gives it real weights, so nothing is allocated twice.
+            with torch.device("meta"):
+                return make(in_features, out_features, bias=bias, params_dtype=dtype, prefix=f"{prefix}.{name}")
+
         # Routing is computed in float32 (METHOD.md); the router is tiny, a plain parameter is enough.
         self.router = nn.Parameter(torch.empty(n, D, dtype=torch.float32), requires_grad=False)
+        # (fused layer, block of the masked gate_up_A output appended to its input, or None) for gate, then up
+        self.gate_up_fused: list[tuple[nn.Module, int | None]] = []
         if self.gate_up_targets:
-            m = len(self.gate_up_targets)
-            self.gate_up_A = ReplicatedLinear(D, m * nr, bias=False, params_dtype=dtype, prefix=f"{prefix}.gate_up_A")
-            for proj in self.gate_up_targets:
-                name = _b_name(proj)
-                setattr(self, name, ColumnParallelLinear(nr, inter, bias=False, params_dtype=dtype,
-                                                         prefix=f"{prefix}.{name}"))  # fmt: skip
-        # (B layer, is it up_proj's) per adapted gate/up projection, in gate_up_A's block order; read by forward
-        self.gate_up_expand = [(getattr(self, _b_name(p)), p == "up_proj") for p in self.gate_up_targets]
+            self.gate_up_A = ReplicatedLinear(D, len(self.gate_up_targets) * nr, bias=False, params_dtype=dtype,
+                                              prefix=f"{prefix}.gate_up_A")  # fmt: skip
+            for proj in ("gate_proj", "up_proj"):
+                block = self.gate_up_targets.index(proj) if proj in self.gate_up_targets else None
+                name = _fused_name(proj)
+                setattr(self, name, fused(ColumnParallelLinear, D + (block is not None) * nr, inter, name))
+                self.gate_up_fused.append((getattr(self, name), block))
         if self.adapt_down:
             self.down_A = RowParallelLinear(inter, nr, bias=False, params_dtype=dtype, reduce_results=False,
                                             input_is_parallel=True, prefix=f"{prefix}.down_A")  # fmt: skip
-            self.down_B = ReplicatedLinear(nr, D, bias=False, params_dtype=dtype, prefix=f"{prefix}.down_B")
+            self.down_fused = fused(ReplicatedLinear, inter // self.tp_size + nr, D, "down_fused")
         self.counters: counters.RoutingCounters | None = None  # shared with the model; set by the model
         self.slot = 0  # this layer's row in the counters
 
     @torch.no_grad()
     def load_bank(self, tensors: dict[str, torch.Tensor], omega: float) -> list[str]:
-        """Stack this layer's bank, fold omega into B, and load it through vLLM's (sharding) weight loaders.
+        """Load router and shrink banks, fuse each expand bank into its base projection, drop the unfused layers.
 
-        Returns the names of the parameters it filled, relative to this module.
+        Runs after vLLM's loader has filled the base weights. Returns the names of the parameters it filled,
+        relative to this module.
         """
         self.router.copy_(tensors[router_name(self.layer)])
         filled = ["router"]
-
-        def load(module_name: str, full: torch.Tensor) -> None:
-            param = getattr(self, module_name).weight
-            param.weight_loader(param, full.to(param.dtype))
-            filled.append(f"{module_name}.weight")
 
         def stacked(proj: str) -> tuple[torch.Tensor, torch.Tensor]:
             return bank.stack_bank(
@@ -126,17 +130,42 @@ class RemixMLP(LlamaMLP):
                 omega,
             )
 
+        def load(name: str, full: torch.Tensor) -> None:  # through vLLM's (sharding) weight loader
+            param = getattr(self, name).weight
+            param.weight_loader(param, full.to(param.dtype))
+            filled.append(f"{name}.weight")
+
+        def fuse(name: str, weight: torch.Tensor, b_all: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+            layer = getattr(self, name)
+            if b_all is not None:
+                weight = torch.cat([weight, b_all.to(device=weight.device, dtype=weight.dtype)], dim=1)
+            layer.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+            filled.append(f"{name}.weight")
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.clone(), requires_grad=False)
+                filled.append(f"{name}.bias")
+
         if self.gate_up_targets:
-            a_parts = []
+            a_parts, b_rows = [], {}
+            rows = self.gate_up_proj.output_size_per_partition // 2  # this rank's share of I
             for proj in self.gate_up_targets:
                 a, b = stacked(proj)
                 a_parts.append(a)
-                load(_b_name(proj), b)
+                b_rows[proj] = b[self.tp_rank * rows : (self.tp_rank + 1) * rows]  # column-parallel, like W
             load("gate_up_A", torch.cat(a_parts))
+            weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias  # [gate rows; up rows]
+            for j, proj in enumerate(("gate_proj", "up_proj")):
+                part = slice(j * rows, (j + 1) * rows)
+                fuse(_fused_name(proj), weight[part], b_rows.get(proj), None if bias is None else bias[part])
+            del self.gate_up_proj
         if self.adapt_down:
             a, b = stacked("down_proj")
             load("down_A", a)
-            load("down_B", b)
+            bias = self.down_proj.bias
+            if bias is not None and self.tp_rank > 0:  # like RowParallelLinear: the bias is added once
+                bias = torch.zeros_like(bias)
+            fuse("down_fused", self.down_proj.weight, b, bias)
+            del self.down_proj
         return filled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,23 +178,26 @@ class RemixMLP(LlamaMLP):
         weights = mask if self.weighting == "constant" else routing.selection_weights(logits, ids, self.weighting)
         weights = weights.to(x.dtype)
 
-        gate_up, _ = self.gate_up_proj(x)  # [T, 2*I/tp]: gate half, then up half (packed_modules_mapping)
         if self.gate_up_targets:
-            h_all, _ = self.gate_up_A(x)  # [T, m*n*r]
-            h_all = bank.mask_blocks(h_all, weights, self.rank)
-            half, nr = gate_up.shape[1] // 2, self.num_loras * self.rank
-            for j, (expand, is_up) in enumerate(self.gate_up_expand):
-                delta, _ = expand(h_all[:, j * nr : (j + 1) * nr])  # [T, I/tp]
-                gate_up[:, is_up * half : (is_up + 1) * half] += delta
-        act = self.act_fn(gate_up)  # [T, I/tp]
-        out, _ = self.down_proj(act)  # [T, D], a partial sum when tp > 1
+            h = bank.mask_blocks(self.gate_up_A(x)[0], weights, self.rank)  # [T, m*n*r]
+            nr = self.num_loras * self.rank
+            (gate, _), (up, _) = (
+                layer(x if block is None else torch.cat([x, h[:, block * nr : (block + 1) * nr]], dim=1))
+                for layer, block in self.gate_up_fused
+            )  # [T, I/tp] each
+            act = F.silu(gate) * up  # LlamaMLP allows silu only
+        else:
+            act = self.act_fn(self.gate_up_proj(x)[0])
         if self.adapt_down:
-            h, _ = self.down_A(act)  # [T, n*r], a partial sum when tp > 1 (masking is linear, so that is fine)
-            delta, _ = self.down_B(bank.mask_blocks(h, weights, self.rank))
-            out = out + delta
-        if self.tp_size > 1:
-            out = tensor_model_parallel_all_reduce(out)
-        return out
+            h = bank.mask_blocks(self.down_A(act)[0], weights, self.rank)  # [T, n*r], a partial sum when tp > 1
+            out, _ = self.down_fused(torch.cat([act, h], dim=1))  # [T, D], a partial sum when tp > 1
+            return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out
+        return self.down_proj(act)[0]  # reduces its own partial sums
+
+
+def _fused_name(proj: str) -> str:
+    """RemixMLP attribute of a base projection fused with its expand bank: gate_proj -> gate_fused."""
+    return proj.removesuffix("_proj") + "_fused"
 
 
 class RemixModelMixin:
