@@ -122,7 +122,9 @@ def test_per_token_routing_agrees_with_reference(tiny_llm, tiny_ckpt: Path):
             assert recorded[layer] == ref[layer][0][0].tolist(), (prompt, layer)
 
 
-def test_softmax_checkpoint_matches_reference(tiny_base: Path, tmp_path_factory):
+def test_softmax_checkpoint_matches_reference(tiny_base: Path, tmp_path_factory, monkeypatch: pytest.MonkeyPatch):
+    """Also the PyTorch path that CUDA hosts run: the fused CPU kernels are switched off for this engine."""
+    monkeypatch.setenv("REMIX_CPU_KERNELS", "0")
     ckpt = tiny.build_tiny_checkpoint(
         tmp_path_factory.mktemp("sm") / "sm",
         tiny_base,

@@ -1,10 +1,10 @@
 """The batched LoRA bank: stacking at load time and the per-token selection mask between the two GEMMs.
 
 Per adapted projection, `h = x A_all^T` ([T, n*r]), zero (or weight) the r-blocks of each token's LoRAs,
-`y += h B_all^T`. The two GEMMs run as vLLM linear layers (model.py); this module holds the math around them.
-Dense on purpose: static shapes, no gather, no host sync, so it is safe under CUDA graphs and torch.compile. It
-wastes n/k of a small product; when n*r grows past a few hundred a grouped (gather) kernel may win: measure
-before adding one.
+`y = x W^T + h B_all^T`. The plugin (model.py) runs the expand GEMM fused with the base projection:
+`[x | masked h] @ [W | B_all]^T`. This module holds the math around the GEMMs. Dense on purpose: static shapes,
+no gather, no host sync, so it is safe under CUDA graphs and torch.compile. It wastes n/k of a small product;
+when n*r grows past a few hundred a grouped (gather) kernel may win: measure before adding one.
 """
 
 from __future__ import annotations
@@ -45,3 +45,18 @@ def mask_blocks(h: torch.Tensor, weights: torch.Tensor, rank: int) -> torch.Tens
     """
     T, n = weights.shape
     return (h.view(T, -1, n, rank) * weights.view(T, 1, n, 1)).view(T, -1)
+
+
+def masked_concat(x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, rank: int) -> torch.Tensor:
+    """`[x | mask_blocks(h, weights, rank)]`: the input of a base projection fused with its expand bank.
+
+    Args:
+        x: `[T, D]` the base projection's input.
+        h: `[T, n*r]` one bank's shrink output.
+        weights: `[T, n]` selection weights, in `h`'s dtype.
+        rank: r.
+
+    Returns:
+        `[T, D + n*r]`.
+    """
+    return torch.cat([x, mask_blocks(h, weights, rank)], dim=1)

@@ -27,9 +27,9 @@ def real_token_mask(num_tokens: int) -> torch.Tensor | None:
 class RoutingCounters:
     """Cumulative routing counts of one model: `[L, n]` tokens per LoRA and the tokens that were routed.
 
-    Each adapted layer adds its selection mask into this forward's float32 `step` row (one fused op, no host
-    sync); `end()` folds the step into the int64 totals once per forward. Float32 is exact for the per-forward
-    counts (far below 2^24 tokens), int64 for the totals.
+    Each adapted layer hands over its selected ids (no op, no host sync); `end()` counts every layer's real
+    tokens at once into this forward's float32 `step` with one scatter-add and folds it into the int64 totals.
+    Float32 is exact for the per-forward counts (far below 2^24 tokens), int64 for the totals.
     """
 
     def __init__(self, layers: list[int], num_loras: int, device: torch.device):
@@ -38,28 +38,32 @@ class RoutingCounters:
         self.activations = torch.zeros(len(layers), num_loras, dtype=torch.int64, device=device)
         self.routed = torch.zeros((), dtype=torch.int64, device=device)
         self.real: torch.Tensor | None = None  # [T] float32 for the forward in progress
+        self.pending: list[torch.Tensor | None] = []  # ids [T, k] per layer slot, this forward
         self.recorded: dict[int, list[torch.Tensor]] | None = None  # layer -> ids [T_real, k] per forward
 
     def begin(self, num_tokens: int) -> None:
         real = real_token_mask(num_tokens)
         self.real = None if real is None else real.to(device=self.step.device, dtype=torch.float32)
-        if self.real is not None:
-            self.step.zero_()
+        self.pending: list[torch.Tensor | None] = [None] * len(self.layers)
 
-    def add(self, slot: int, mask: torch.Tensor, ids: torch.Tensor) -> None:
-        """Count one layer's selection: `mask [T, n]` float32, `ids [T, k]`."""
+    def add(self, slot: int, ids: torch.Tensor) -> None:
+        """Note one layer's selection, `ids [T, k]`; `end()` counts it."""
         if self.real is None:
             return
-        self.step[slot].addmv_(mask.t(), self.real)  # [n] += mask^T real
+        self.pending[slot] = ids
         if self.recorded is not None:  # debugging aid: a host sync per layer, off by default
             self.recorded[self.layers[slot]].append(ids[self.real.bool()].cpu())
 
     def end(self) -> None:
         if self.real is None:
             return
+        ids = torch.stack(self.pending)  # [L, T, k]
+        L, T, k = ids.shape
+        real = self.real.repeat_interleave(k).expand(L, T * k)  # each pick of a real token counts 1
+        self.step.zero_().scatter_add_(1, ids.view(L, T * k), real)
         self.activations.add_(self.step.round().to(torch.int64))
         self.routed.add_(self.real.sum().round().to(torch.int64))
-        self.real = None
+        self.real, self.pending = None, []
 
     def snapshot(self) -> dict[str, list]:
         """{"layers": [...], "activations": [[n] per layer], "routed": [tokens per layer]} as plain lists."""

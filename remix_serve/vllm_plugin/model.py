@@ -24,6 +24,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaMLP
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from remix_serve import routing
@@ -37,7 +38,7 @@ from remix_serve.checkpoint import (
     router_name,
     tensor_name,
 )
-from remix_serve.vllm_plugin import bank, counters
+from remix_serve.vllm_plugin import bank, counters, cpu_kernels
 
 
 @cache
@@ -112,6 +113,9 @@ class RemixMLP(LlamaMLP):
             self.down_fused = fused(ReplicatedLinear, inter // self.tp_size + nr, D, "down_fused")
         self.counters: counters.RoutingCounters | None = None  # shared with the model; set by the model
         self.slot = 0  # this layer's row in the counters
+        # One fused op each for routing and for building a fused GEMM's input, where the CPU kernels build.
+        self.cpu_kernels = current_platform.is_cpu() and cpu_kernels.available()
+        self.masked_concat = cpu_kernels.masked_concat if self.cpu_kernels else bank.masked_concat
 
     @torch.no_grad()
     def load_bank(self, tensors: dict[str, torch.Tensor], omega: float) -> list[str]:
@@ -168,29 +172,32 @@ class RemixMLP(LlamaMLP):
             del self.down_proj
         return filled
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[T, n]` selection weights in x's dtype (the 0/1 mask for ReMix) and the `[T, k]` selected ids."""
+        if self.cpu_kernels and self.weighting == "constant":
+            return cpu_kernels.route(x, self.router, self.top_k)
+        logits = routing.router_logits(x, self.router)  # [T, n] float32
+        ids = routing.topk_ids(logits, self.top_k)
+        return routing.selection_weights(logits, ids, self.weighting, dtype=x.dtype), ids
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D], vLLM's flat token batch
-        logits = routing.router_logits(x, self.router)  # [T, n] float32
-        ids = routing.topk_ids(logits, self.top_k)  # [T, k]
-        mask = routing.selection_mask(ids, self.num_loras)  # [T, n] float32
+        weights, ids = self.route(x)
         if self.counters is not None:
-            self.counters.add(self.slot, mask, ids)
-        weights = mask if self.weighting == "constant" else routing.selection_weights(logits, ids, self.weighting)
-        weights = weights.to(x.dtype)
-
+            self.counters.add(self.slot, ids)
+        r, nr = self.rank, self.num_loras * self.rank
         if self.gate_up_targets:
-            h = bank.mask_blocks(self.gate_up_A(x)[0], weights, self.rank)  # [T, m*n*r]
-            nr = self.num_loras * self.rank
+            h, _ = self.gate_up_A(x)  # [T, m*n*r]
             (gate, _), (up, _) = (
-                layer(x if block is None else torch.cat([x, h[:, block * nr : (block + 1) * nr]], dim=1))
+                layer(x if block is None else self.masked_concat(x, h[:, block * nr : (block + 1) * nr], weights, r))
                 for layer, block in self.gate_up_fused
             )  # [T, I/tp] each
             act = F.silu(gate) * up  # LlamaMLP allows silu only
         else:
             act = self.act_fn(self.gate_up_proj(x)[0])
         if self.adapt_down:
-            h = bank.mask_blocks(self.down_A(act)[0], weights, self.rank)  # [T, n*r], a partial sum when tp > 1
-            out, _ = self.down_fused(torch.cat([act, h], dim=1))  # [T, D], a partial sum when tp > 1
+            h, _ = self.down_A(act)  # [T, n*r], a partial sum when tp > 1 (masking is linear, so that is fine)
+            out, _ = self.down_fused(self.masked_concat(act, h, weights, r))  # [T, D], a partial sum when tp > 1
             return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out
         return self.down_proj(act)[0]  # reduces its own partial sums
 
