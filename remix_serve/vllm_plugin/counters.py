@@ -57,11 +57,12 @@ class RoutingCounters:
     def end(self) -> None:
         if self.real is None:
             return
-        ids = torch.stack(self.pending)  # [L, T, k]
-        L, T, k = ids.shape
-        real = self.real.repeat_interleave(k).expand(L, T * k)  # each pick of a real token counts 1
-        self.step.zero_().scatter_add_(1, ids.view(L, T * k), real)
-        self.activations.add_(self.step.round().to(torch.int64))
+        if self.pending:  # a pipeline-parallel rank may hold no adapted layer
+            ids = torch.stack(self.pending)  # [L, T, k]
+            L, T, k = ids.shape
+            real = self.real.repeat_interleave(k).expand(L, T * k)  # each pick of a real token counts 1
+            self.step.zero_().scatter_add_(1, ids.view(L, T * k), real)
+            self.activations.add_(self.step.round().to(torch.int64))
         self.routed.add_(self.real.sum().round().to(torch.int64))
         self.real, self.pending = None, []
 
