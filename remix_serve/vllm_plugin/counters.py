@@ -44,7 +44,7 @@ class RoutingCounters:
     def begin(self, num_tokens: int) -> None:
         real = real_token_mask(num_tokens)
         self.real = None if real is None else real.to(device=self.step.device, dtype=torch.float32)
-        self.pending: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.pending = [None] * len(self.layers)
 
     def add(self, slot: int, ids: torch.Tensor) -> None:
         """Note one layer's selection, `ids [T, k]`; `end()` counts it."""
