@@ -66,6 +66,45 @@ def test_masked_concat_equals_bank_module(dtype, banks):
     assert torch.equal(cpu_kernels.masked_concat(x, h, w, r), bank.masked_concat(x, h, w, r))
 
 
+def routed_weights(x: torch.Tensor, n: int, k: int, weighting: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection weights `[T, n]` (zero off the selected LoRAs) and ids `[T, k]`, as the plugin's route() gives."""
+    router = torch.randn(n, x.shape[1], generator=torch.Generator().manual_seed(seed))
+    logits = routing.router_logits(x, router)
+    ids = routing.topk_ids(logits, k)
+    return routing.selection_weights(logits, ids, weighting, dtype=x.dtype), ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighting", ["constant", "softmax"])
+@pytest.mark.parametrize(
+    ("T", "D", "n", "k", "r", "banks"), [(32, 576, 8, 2, 8, 2), (5, 130, 4, 3, 3, 1), (1, 40, 2, 1, 5, 3)]
+)
+def test_shrink_concat_equals_dense_shrink_then_masked_concat(dtype, weighting, T, D, n, k, r, banks):
+    g = torch.Generator().manual_seed(T * D)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    bank_A = (torch.randn(banks * n * r, D, generator=g) * 0.1).to(dtype)
+    w, ids = routed_weights(x, n, k, weighting, seed=D)
+    expected = bank.masked_concat(x, x @ bank_A.t(), w, r)  # the dense GEMM, then the mask
+    got = cpu_kernels.shrink_concat(x, bank_A, ids, w, r)
+    assert got.dtype == dtype and got.shape == (T, D + banks * n * r)
+    assert torch.equal(got[:, :D], x)
+    # The same float32 sums in another order: equal up to one rounding of the output dtype.
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=2 ** -7 if dtype != torch.float32 else 1e-5)
+    # A float32 copy of the bank gives the same result as the bank in x's dtype.
+    torch.testing.assert_close(cpu_kernels.shrink_concat(x, bank_A.float(), ids, w, r), got, atol=0, rtol=2**-7)
+
+
+def test_shrink_concat_is_batch_invariant():
+    """A token's output does not depend on the other tokens of its batch (decode batches change every step)."""
+    x = torch.randn(24, 96).bfloat16()
+    bank_A = (torch.randn(2 * 8 * 4, 96) * 0.1).bfloat16()
+    w, ids = routed_weights(x, 8, 2, "constant", seed=0)
+    full = cpu_kernels.shrink_concat(x, bank_A, ids, w, 4)
+    for t in (0, 7, 23):
+        one = cpu_kernels.shrink_concat(x[t : t + 1], bank_A, ids[t : t + 1], w[t : t + 1], 4)
+        assert torch.equal(one[0], full[t])
+
+
 def test_bad_input_gets_a_clear_error():
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="router must be a contiguous float32"):
@@ -76,6 +115,13 @@ def test_bad_input_gets_a_clear_error():
         cpu_kernels.route(x, torch.randn(3, 9), 1)
     with pytest.raises(RuntimeError, match="h must be"):
         cpu_kernels.masked_concat(x, torch.randn(4, 7), torch.randn(4, 3), 2)
+    w, ids = torch.zeros(4, 3), torch.zeros(4, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"A is \[5, 8\], expected \[m\*6, 8\]"):
+        cpu_kernels.shrink_concat(x, torch.randn(5, 8), ids, w, 2)
+    with pytest.raises(RuntimeError, match="LoRA id 3 out of range for n=3"):
+        cpu_kernels.shrink_concat(x, torch.randn(6, 8), ids + 3, w, 2)
+    with pytest.raises(RuntimeError, match="ids must be an int64"):
+        cpu_kernels.shrink_concat(x, torch.randn(6, 8), ids.int(), w, 2)
 
 
 def test_a_prebuilt_library_in_a_read_only_folder_is_loaded_as_it_is(tmp_path):

@@ -98,6 +98,19 @@ def test_greedy_generation_matches_reference_token_for_token(tiny_llm, tiny_ckpt
         assert_logprobs_match(model, o)
 
 
+def test_long_prefill_matches_reference(tiny_llm, tiny_ckpt: Path):
+    """Prefill batches above GATHER_MAX_TOKENS take the dense shrink GEMM, decode steps the gather kernel."""
+    from remix_serve.vllm_plugin import cpu_kernels
+
+    g = torch.Generator().manual_seed(0)
+    length = cpu_kernels.GATHER_MAX_TOKENS + 20
+    prompts = [{"prompt_token_ids": torch.randint(3, 300, (length,), generator=g).tolist()} for _ in range(2)]
+    model, _ = reference.load_model(tiny_ckpt)
+    for o in tiny_llm.generate(prompts, greedy(16, logprobs=0)):
+        assert list(o.outputs[0].token_ids) == hf_greedy(model, list(o.prompt_token_ids), 16)
+        assert_logprobs_match(model, o)
+
+
 def test_counters_sum_to_k_times_scheduled_tokens(tiny_llm):
     tiny_llm.collective_rpc("remix_reset_counts")
     outs = tiny_llm.generate(PROMPTS[:5], greedy(16))

@@ -1,12 +1,14 @@
-"""Fused CPU kernels for the decode path (csrc/remix_cpu.cpp), built once with torch's C++ extension loader.
+"""Fused CPU kernels for the plugin's MLP (csrc/remix_cpu.cpp), built once with torch's C++ extension loader.
 
 On a small CPU each extra PyTorch op between two GEMMs costs 10-20 us, far more than its arithmetic: routing
 (float32 logits, stable top-k, mask) is seven ops and appending the masked shrink output to a GEMM input is two.
-`route` and `masked_concat` do each in one op, with the same results as `routing` and `bank.masked_concat`
-(tests/test_cpu_kernels.py). The build (about 25 s, needs a C++ compiler and ninja) is cached under
-`TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions); `scripts/install.sh` and the CPU image run it at
-install time, and a build folder this process cannot write (a read-only image) is loaded as it is. Where it cannot
-build, `available()` is False and the plugin uses the PyTorch ops. `REMIX_CPU_KERNELS=0` turns them off.
+`route` does routing in one op, `masked_concat` builds a fused GEMM's input from a dense shrink GEMM's output, and
+`shrink_concat` builds it with the shrink of each token's k selected LoRAs computed in place (decode-sized batches,
+up to GATHER_MAX_TOKENS). Each gives the results of `routing` and `bank` (tests/test_cpu_kernels.py). The build
+(about 30 s, needs a C++ compiler with OpenMP and ninja) is cached under `TORCH_EXTENSIONS_DIR` (default
+~/.cache/torch_extensions); `scripts/install.sh` and the CPU image run it at install time, and a build folder this
+process cannot write (a read-only image) is loaded as it is. Where it cannot build, `available()` is False and the
+plugin uses the PyTorch ops. `REMIX_CPU_KERNELS=0` turns them off.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def available() -> bool:
         if prebuilt.exists() and not os.access(build, os.W_OK):  # a read-only prebuilt copy (the CPU image)
             torch.ops.load_library(str(prebuilt))
         else:
-            load(name="remix_cpu", sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False)
+            load(name="remix_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                 extra_ldflags=["-fopenmp"], is_python_module=False)  # fmt: skip
     except Exception as e:  # no compiler, no ninja, read-only cache: serve with the PyTorch ops instead
         log.warning("remix-serve: fused CPU kernels unavailable, using PyTorch ops (%s: %s)", type(e).__name__, e)
         return False
@@ -51,3 +54,21 @@ def route(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, 
 def masked_concat(x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, rank: int) -> torch.Tensor:
     """`[x | h * weights]`, as `bank.masked_concat`; h may be a column slice (rows contiguous)."""
     return torch.ops.remix_cpu.masked_concat(x, h, weights, rank)
+
+
+# Tokens up to which shrink_concat (a gather over the selected LoRAs) is at least as fast as the dense shrink GEMM
+# on the matrix units plus masked_concat: `bench/cpu_shrink.py` prints both by batch size (on a 2-core Xeon with
+# AMX, one thread: 4x faster for one token, 1.5x for 16, even at 32, 0.8x at 64).
+GATHER_MAX_TOKENS = 32
+
+
+def shrink_concat(
+    x: torch.Tensor, bank_A: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """`[x | mask_blocks(x bank_A^T, weights, rank)]`: `bank.masked_concat` after the shrink GEMM, in one op.
+
+    Computes the shrink for each token's k selected LoRAs only. `bank_A` is `[m*n*r, D]` (m stacked banks) in
+    x's dtype or float32; `ids` `[T, k]` (int64) and `weights` `[T, n]` come from routing. bf16 uses AVX512-BF16
+    dot products where the CPU has them.
+    """
+    return torch.ops.remix_cpu.shrink_concat(x, bank_A, ids, weights, rank)

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import (
@@ -63,12 +62,13 @@ class RemixMLP(LlamaMLP):
     The shrink GEMMs are vLLM linear layers: `gate_up_A` (the A banks of the adapted gate/up projections stacked,
     replicated: [m*n*r, D]) and `down_A` (row-parallel like down_proj: [n*r, I]). The expand GEMM has no layer of
     its own: B (omega folded in) is appended to the base weight along its input dimension and the masked shrink
-    output to the input, so `[x | h] @ [W | B]^T = x W^T + h B^T` is one large GEMM per projection: `gate_fused`
-    and `up_fused` (column-parallel shards of gate_proj / up_proj plus B's rows) and `down_fused` (down_proj's row
-    shard plus the whole B; masking is linear, so B may act on the shrink's partial sums before the all-reduce).
-    On CPU this saves three small GEMMs and two strided adds per layer, which cost far more than their
-    arithmetic; on GPU it saves kernel launches. `load_bank` builds the fused weights from the base shards that
-    vLLM's own loader filled, then drops the unfused base layers.
+    output to the input, so `[x | h] @ [W | B]^T = x W^T + h B^T` is one GEMM per base projection:
+    `gate_up_fused` (gate_up_proj's column-parallel shard, [gate; up] rows, plus a block-diagonal B: each
+    adapted projection's B in its own rows and its bank's columns, zeros elsewhere) and `down_fused` (down_proj's
+    row shard plus the whole B; masking is linear, so B may act on the shrink's partial sums before the
+    all-reduce). On CPU this saves three small GEMMs, two strided adds and a GEMM call per layer, which cost more
+    than the zeros' multiply-adds (bench/bank_op.py); on GPU it saves kernel launches. `load_bank` builds the
+    fused weights from the base shards that vLLM's own loader filled, then drops the unfused base layers.
     """
 
     def __init__(self, *, vllm_config: VllmConfig, ckpt: Checkpoint, layer: int, prefix: str):
@@ -97,16 +97,10 @@ class RemixMLP(LlamaMLP):
 
         # Routing is computed in float32 (METHOD.md); the router is tiny, a plain parameter is enough.
         self.router = nn.Parameter(torch.empty(n, D, dtype=torch.float32), requires_grad=False)
-        # (fused layer, block of the masked gate_up_A output appended to its input, or None) for gate, then up
-        self.gate_up_fused: list[tuple[nn.Module, int | None]] = []
         if self.gate_up_targets:
-            self.gate_up_A = ReplicatedLinear(D, len(self.gate_up_targets) * nr, bias=False, params_dtype=dtype,
-                                              prefix=f"{prefix}.gate_up_A")  # fmt: skip
-            for proj in ("gate_proj", "up_proj"):
-                block = self.gate_up_targets.index(proj) if proj in self.gate_up_targets else None
-                name = _fused_name(proj)
-                setattr(self, name, fused(ColumnParallelLinear, D + (block is not None) * nr, inter, name))
-                self.gate_up_fused.append((getattr(self, name), block))
+            m = len(self.gate_up_targets)
+            self.gate_up_A = ReplicatedLinear(D, m * nr, bias=False, params_dtype=dtype, prefix=f"{prefix}.gate_up_A")
+            self.gate_up_fused = fused(ColumnParallelLinear, D + m * nr, 2 * inter, "gate_up_fused")
         if self.adapt_down:
             self.down_A = RowParallelLinear(inter, nr, bias=False, params_dtype=dtype, reduce_results=False,
                                             input_is_parallel=True, prefix=f"{prefix}.down_A")  # fmt: skip
@@ -116,6 +110,9 @@ class RemixMLP(LlamaMLP):
         # One fused op each for routing and for building a fused GEMM's input, where the CPU kernels build.
         self.cpu_kernels = current_platform.is_cpu() and cpu_kernels.available()
         self.masked_concat = cpu_kernels.masked_concat if self.cpu_kernels else bank.masked_concat
+        # Unpacked copies of the shrink banks for cpu_kernels.shrink_concat (vLLM repacks the layers' own weights)
+        self.gate_up_bank: torch.Tensor | None = None
+        self.down_bank: torch.Tensor | None = None
 
     @torch.no_grad()
     def load_bank(self, tensors: dict[str, torch.Tensor], omega: float) -> list[str]:
@@ -134,10 +131,12 @@ class RemixMLP(LlamaMLP):
                 omega,
             )
 
-        def load(name: str, full: torch.Tensor) -> None:  # through vLLM's (sharding) weight loader
+        def load(name: str, full: torch.Tensor) -> torch.Tensor | None:  # through vLLM's (sharding) weight loader
             param = getattr(self, name).weight
             param.weight_loader(param, full.to(param.dtype))
             filled.append(f"{name}.weight")
+            # This rank's shard, before vLLM packs the layer's weight for its GEMM kernel
+            return param.detach().clone() if self.cpu_kernels else None
 
         def fuse(name: str, weight: torch.Tensor, b_all: torch.Tensor | None, bias: torch.Tensor | None) -> None:
             layer = getattr(self, name)
@@ -150,21 +149,22 @@ class RemixMLP(LlamaMLP):
                 filled.append(f"{name}.bias")
 
         if self.gate_up_targets:
-            a_parts, b_rows = [], {}
-            rows = self.gate_up_proj.output_size_per_partition // 2  # this rank's share of I
-            for proj in self.gate_up_targets:
+            weight = self.gate_up_proj.weight  # this rank's [gate rows; up rows], [2 * I/tp, D]
+            rows, nr = weight.shape[0] // 2, self.num_loras * self.rank
+            a_parts, b_all = [], torch.zeros(2 * rows, len(self.gate_up_targets) * nr)
+            for block, proj in enumerate(self.gate_up_targets):
                 a, b = stacked(proj)
                 a_parts.append(a)
-                b_rows[proj] = b[self.tp_rank * rows : (self.tp_rank + 1) * rows]  # column-parallel, like W
-            load("gate_up_A", torch.cat(a_parts))
-            weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias  # [gate rows; up rows]
-            for j, proj in enumerate(("gate_proj", "up_proj")):
-                part = slice(j * rows, (j + 1) * rows)
-                fuse(_fused_name(proj), weight[part], b_rows.get(proj), None if bias is None else bias[part])
+                half = ("gate_proj", "up_proj").index(proj)  # column-parallel, like W: this rank's rows of B
+                b_all[half * rows : (half + 1) * rows, block * nr : (block + 1) * nr] = b[
+                    self.tp_rank * rows : (self.tp_rank + 1) * rows
+                ]
+            self.gate_up_bank = load("gate_up_A", torch.cat(a_parts))
+            fuse("gate_up_fused", weight, b_all, self.gate_up_proj.bias)
             del self.gate_up_proj
         if self.adapt_down:
             a, b = stacked("down_proj")
-            load("down_A", a)
+            self.down_bank = load("down_A", a)
             bias = self.down_proj.bias
             if bias is not None and self.tp_rank > 0:  # like RowParallelLinear: the bias is added once
                 bias = torch.zeros_like(bias)
@@ -185,26 +185,27 @@ class RemixMLP(LlamaMLP):
         weights, ids = self.route(x)
         if self.counters is not None:
             self.counters.add(self.slot, ids)
-        r, nr = self.rank, self.num_loras * self.rank
+        r = self.rank
+        # Decode-sized batches on CPU: the shrink of the k selected LoRAs only, fused with building the GEMM input
+        gather = self.cpu_kernels and x.shape[0] <= cpu_kernels.GATHER_MAX_TOKENS
         if self.gate_up_targets:
-            h, _ = self.gate_up_A(x)  # [T, m*n*r]
-            (gate, _), (up, _) = (
-                layer(x if block is None else self.masked_concat(x, h[:, block * nr : (block + 1) * nr], weights, r))
-                for layer, block in self.gate_up_fused
-            )  # [T, I/tp] each
-            act = F.silu(gate) * up  # LlamaMLP allows silu only
+            if gather:
+                fused_input = cpu_kernels.shrink_concat(x, self.gate_up_bank, ids, weights, r)
+            else:
+                fused_input = self.masked_concat(x, self.gate_up_A(x)[0], weights, r)  # [T, D + m*n*r]
+            gate_up, _ = self.gate_up_fused(fused_input)  # [T, 2 * I/tp]
         else:
-            act = self.act_fn(self.gate_up_proj(x)[0])
+            gate_up, _ = self.gate_up_proj(x)
+        act = self.act_fn(gate_up)
         if self.adapt_down:
-            h, _ = self.down_A(act)  # [T, n*r], a partial sum when tp > 1 (masking is linear, so that is fine)
-            out, _ = self.down_fused(self.masked_concat(act, h, weights, r))  # [T, D], a partial sum when tp > 1
+            # The shrink is a partial sum when tp > 1; masking is linear, so B may act on it before the all-reduce.
+            if gather:
+                fused_input = cpu_kernels.shrink_concat(act, self.down_bank, ids, weights, r)
+            else:
+                fused_input = self.masked_concat(act, self.down_A(act)[0], weights, r)
+            out, _ = self.down_fused(fused_input)  # [T, D], a partial sum when tp > 1
             return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out
         return self.down_proj(act)[0]  # reduces its own partial sums
-
-
-def _fused_name(proj: str) -> str:
-    """RemixMLP attribute of a base projection fused with its expand bank: gate_proj -> gate_fused."""
-    return proj.removesuffix("_proj") + "_fused"
 
 
 class RemixModelMixin:

@@ -1,13 +1,20 @@
 // Fused CPU kernels for the ReMix plugin's decode path (see cpu_kernels.py).
 //
 // On a small CPU every extra PyTorch op between two GEMMs costs 10-20 us, far more than its arithmetic, so the
-// per-layer routing (float32 router logits, stable top-k, selection mask) and the "mask the shrink output and
-// append it to the GEMM input" step each run as one op here. remix_serve/routing.py and bank.py define the math;
+// per-layer routing (float32 router logits, stable top-k, selection mask) runs as one op here, and so does
+// building a fused GEMM's input `[x | masked shrink]`: from a dense shrink's output (masked_concat, prefill) or
+// with the shrink of the selected LoRAs computed in place (shrink_concat, decode). remix_serve/routing.py and bank.py define the math;
 // tests/test_cpu_kernels.py checks these kernels against them, ties included.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace {
@@ -15,22 +22,71 @@ namespace {
 constexpr int kLanes = 16;
 // Rows per thread chunk: below this a kernel runs inline, since waking a thread costs more than the work.
 constexpr int64_t kRoutedRowsPerChunk = 64, kConcatRowsPerChunk = 256;
+// Multiply-adds of a shrink_concat call from which it runs on all threads.
+constexpr int64_t kShrinkParallelMacs = 1 << 17;
 
-// x . p in float32 with kLanes independent partial sums: one running sum is a single add-latency chain that the
-// compiler may not reorder; separate sums vectorise. The summation order differs from BLAS only by rounding.
-// Cloned for AVX-512, AVX2 and baseline x86-64; the loader picks the best the CPU runs.
+// out[i] = p_i . x for the `rows` rows p_i = p + i * D, in float32, four rows at a time: each load of x serves
+// four rows, and two kLanes-wide partial sums per row give eight independent multiply-add chains, enough to hide
+// the FMA latency. Every row is summed in the same order, so equal rows give equal sums (routing ties stay ties)
+// and a token's result does not depend on the batch around it. Cloned for AVX-512, AVX2 and baseline x86-64; the
+// loader picks the best the CPU runs.
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
-float dot(const float* x, const float* p, int64_t D) {
-  float acc[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[d + l] * p[d + l];
-  float sum = 0.f;
-  for (; d < D; ++d) sum += x[d] * p[d];
-  for (int l = 0; l < kLanes; ++l) sum += acc[l];
-  return sum;
+void dot_rows(const float* x, const float* p, int64_t rows, int64_t D, float* out) {
+  constexpr int64_t kStep = 2 * kLanes;
+  for (int64_t i = 0; i < rows; i += 4) {
+    // A last group of fewer than four rows repeats its last row and drops the copies.
+    const float* q[4];
+    for (int g = 0; g < 4; ++g) q[g] = p + std::min(i + g, rows - 1) * D;
+    float a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+    float b0[kLanes] = {}, b1[kLanes] = {}, b2[kLanes] = {}, b3[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kStep <= D; d += kStep) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float xv = x[d + l];
+        a0[l] += xv * q[0][d + l];
+        a1[l] += xv * q[1][d + l];
+        a2[l] += xv * q[2][d + l];
+        a3[l] += xv * q[3][d + l];
+      }
+      for (int l = 0; l < kLanes; ++l) {
+        const float xv = x[d + kLanes + l];
+        b0[l] += xv * q[0][d + kLanes + l];
+        b1[l] += xv * q[1][d + kLanes + l];
+        b2[l] += xv * q[2][d + kLanes + l];
+        b3[l] += xv * q[3][d + kLanes + l];
+      }
+    }
+    float s[4] = {};
+    for (; d < D; ++d)
+      for (int g = 0; g < 4; ++g) s[g] += x[d] * q[g][d];
+    for (int l = 0; l < kLanes; ++l) {
+      s[0] += a0[l] + b0[l];
+      s[1] += a1[l] + b1[l];
+      s[2] += a2[l] + b2[l];
+      s[3] += a3[l] + b3[l];
+    }
+    for (int g = 0; g < 4 && i + g < rows; ++g) out[i + g] = s[g];
+  }
+}
+
+// dst[0 .. D) = float(src[0 .. D)). bfloat16 is the upper half of a float32: a shift the compiler vectorises,
+// where the element-wise c10 conversion does not.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void bf16_to_float(const uint16_t* src, float* dst, int64_t D) {
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<uint32_t>(src[d]) << 16;
+}
+
+template <typename scalar_t>
+void to_float(const scalar_t* src, float* dst, int64_t D) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+    bf16_to_float(reinterpret_cast<const uint16_t*>(src), dst, D);
+  else
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);
 }
 
 // mask [T, n] (x's dtype, 1 on the k selected LoRAs), ids [T, k] (int64, by descending logit, ties to the lowest
@@ -54,11 +110,9 @@ std::vector<torch::Tensor> route(const torch::Tensor& x, const torch::Tensor& ro
       std::vector<float> xf(D), logits(n);
       std::vector<char> taken(n);
       for (int64_t t = begin; t < end; ++t) {
-        for (int64_t d = 0; d < D; ++d) xf[d] = static_cast<float>(X[t * row + d]);
-        for (int64_t j = 0; j < n; ++j) {
-          logits[j] = dot(xf.data(), P + j * D, D);
-          taken[j] = 0;
-        }
+        to_float(X + t * row, xf.data(), D);
+        dot_rows(xf.data(), P, n, D, logits.data());
+        std::fill(taken.begin(), taken.end(), 0);
         for (int64_t s = 0; s < k; ++s) {
           int64_t best = -1;
           for (int64_t j = 0; j < n; ++j)  // strict '>': on equal logits the lowest index stays
@@ -103,14 +157,134 @@ torch::Tensor masked_concat(const torch::Tensor& x, const torch::Tensor& h, cons
   return out;
 }
 
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define REMIX_HAS_BF16_DOT 1
+// dot_rows for bfloat16 x and p with AVX512-BF16 (vdpbf16ps: 32 products per instruction, float32 sums), the
+// way a bf16 GEMM multiplies: exact products, float32 accumulation. Rows go four at a time, as in dot_rows.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows_bf16(const at::BFloat16* x,
+                                                                           const at::BFloat16* p, int64_t rows,
+                                                                           int64_t D, float* out) {
+  constexpr int64_t kStep = 32;  // bf16 values per 512-bit register
+  for (int64_t i = 0; i < rows; i += 4) {
+    const at::BFloat16* q[4];
+    for (int g = 0; g < 4; ++g) q[g] = p + std::min(i + g, rows - 1) * D;
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 b[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t d = 0;
+    for (; d + 2 * kStep <= D; d += 2 * kStep) {
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + d), x1 = (__m512bh)_mm512_loadu_si512(x + d + kStep);
+      for (int g = 0; g < 4; ++g) {
+        a[g] = _mm512_dpbf16_ps(a[g], x0, (__m512bh)_mm512_loadu_si512(q[g] + d));
+        b[g] = _mm512_dpbf16_ps(b[g], x1, (__m512bh)_mm512_loadu_si512(q[g] + d + kStep));
+      }
+    }
+    for (; d < D; d += kStep) {  // masked loads read zeros past D
+      const __mmask32 m = D - d >= kStep ? ~__mmask32(0) : (__mmask32(1) << (D - d)) - 1;
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + d);
+      for (int g = 0; g < 4; ++g) a[g] = _mm512_dpbf16_ps(a[g], xv, (__m512bh)_mm512_maskz_loadu_epi16(m, q[g] + d));
+    }
+    for (int g = 0; g < 4 && i + g < rows; ++g) out[i + g] = _mm512_reduce_add_ps(_mm512_add_ps(a[g], b[g]));
+  }
+}
+
+bool cpu_has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return has;
+}
+#endif
+
+// [x | h], h = [h_0 | ... | h_{m-1}] for m stacked banks: h_b holds, in the r-block of each of a token's k
+// selected LoRAs j, w[t, j] * (A_b[j] x_t), and zeros elsewhere. That is bank.masked_concat(x, x A^T, w, r), with
+// the shrink computed for the selected LoRAs only: a gather, k/n of the dense GEMM's work, and no GEMM call.
+// A is [m*n*r, D] in x's dtype or float32, LoRA j of bank b in rows (b*n + j)*r ... +r-1; w is [T, n] in x's
+// dtype. The shrink output is rounded to x's dtype before it is weighted, as after a GEMM. For decode-sized
+// batches: at prefill sizes a dense GEMM on the matrix units wins (cpu_kernels.GATHER_MAX_TOKENS).
+torch::Tensor shrink_concat(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& ids_,
+                            const torch::Tensor& w_, int64_t rank) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "shrink_concat: x must be [T, D] with contiguous rows");
+  TORCH_CHECK(A.dim() == 2 && A.is_contiguous() && (A.scalar_type() == x.scalar_type() || A.scalar_type() == at::kFloat),
+              "shrink_concat: A must be a contiguous [m*n*r, D] in x's dtype or float32");
+  TORCH_CHECK(ids_.dim() == 2 && ids_.scalar_type() == at::kLong, "shrink_concat: ids must be an int64 [T, k]");
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == x.scalar_type(), "shrink_concat: w must be a [T, n] in x's dtype");
+  const auto ids = ids_.contiguous(), w = w_.contiguous();  // no copy when they already are (the route kernel's)
+  const int64_t T = x.size(0), D = x.size(1), n = w.size(1), k = ids.size(1), nr = n * rank;
+  TORCH_CHECK(ids.size(0) == T && w.size(0) == T, "shrink_concat: x, ids and w must have the same tokens");
+  TORCH_CHECK(rank > 0 && A.size(0) > 0 && A.size(0) % nr == 0 && A.size(1) == D, "shrink_concat: A is [",
+              A.size(0), ", ", A.size(1), "], expected [m*", nr, ", ", D, "] for banks of ", n, " LoRAs of rank ",
+              rank);
+  const int64_t banks = A.size(0) / nr, width = D + banks * nr;
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T * k; ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < n, "shrink_concat: LoRA id ", id[i], " out of range for n=", n);
+  auto out = torch::empty({T, width}, x.options());
+  bool bf16_dot = false;
+#ifdef REMIX_HAS_BF16_DOT
+  bf16_dot = x.scalar_type() == at::kBFloat16 && A.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot();
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "remix_shrink_concat", [&] {
+    const scalar_t *X = x.data_ptr<scalar_t>(), *W = w.data_ptr<scalar_t>();
+    const bool a_float = A.scalar_type() == at::kFloat;
+    const int64_t row = x.stride(0), tasks = banks * n;
+    scalar_t* O = out.data_ptr<scalar_t>();
+    std::vector<float> xf(bf16_dot ? 0 : T * D);  // x in float32 for dot_rows
+    // Two threads pay off from about a decode batch of a small model; a single token's shrink runs inline.
+    const bool threaded = T * k * banks * rank * D >= kShrinkParallelMacs;
+    _Pragma("omp parallel if (threaded)")
+    {
+      std::vector<float> h(rank), block(bf16_dot || a_float ? 0 : rank * D);
+      _Pragma("omp for schedule(static)")
+      for (int64_t t = 0; t < T; ++t) {
+        const scalar_t* xt = X + t * row;
+        if (!bf16_dot)
+          to_float(xt, xf.data() + t * D, D);
+        std::copy(xt, xt + D, O + t * width);
+        std::fill(O + t * width + D, O + (t + 1) * width, static_cast<scalar_t>(0.f));
+      }
+      // LoRA-major: one LoRA's r rows of A stay in L1 while the tokens that selected it go by.
+      _Pragma("omp for schedule(static)")
+      for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t b = task / n, j = task % n;
+        const float* Af = nullptr;
+        if (!bf16_dot) {
+          if (a_float) {
+            Af = A.data_ptr<float>() + task * rank * D;
+          } else {
+            const scalar_t* Aj = A.data_ptr<scalar_t>() + task * rank * D;
+            to_float(Aj, block.data(), rank * D);
+            Af = block.data();
+          }
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          if (std::find(id + t * k, id + (t + 1) * k, j) == id + (t + 1) * k) continue;
+#ifdef REMIX_HAS_BF16_DOT
+          if (bf16_dot)
+            dot_rows_bf16(reinterpret_cast<const at::BFloat16*>(X + t * row),
+                          A.data_ptr<at::BFloat16>() + task * rank * D, rank, D, h.data());
+          else
+#endif
+            dot_rows(xf.data() + t * D, Af, rank, D, h.data());
+          const float wj = static_cast<float>(W[t * n + j]);
+          scalar_t* o = O + t * width + D + (b * n + j) * rank;
+          for (int64_t c = 0; c < rank; ++c)
+            o[c] = static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(h[c])) * wj);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(remix_cpu, m) {
   m.def("route(Tensor x, Tensor router, int k) -> Tensor[]");
   m.def("masked_concat(Tensor x, Tensor h, Tensor w, int rank) -> Tensor");
+  m.def("shrink_concat(Tensor x, Tensor A, Tensor ids, Tensor w, int rank) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(remix_cpu, CPU, m) {
   m.impl("route", &route);
   m.impl("masked_concat", &masked_concat);
+  m.impl("shrink_concat", &shrink_concat);
 }
