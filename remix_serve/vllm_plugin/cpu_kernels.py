@@ -56,10 +56,11 @@ def masked_concat(x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, rank:
     return torch.ops.remix_cpu.masked_concat(x, h, weights, rank)
 
 
-# Tokens up to which shrink_concat (a gather over the selected LoRAs) is at least as fast as the dense shrink GEMM
-# on the matrix units plus masked_concat: `bench/cpu_shrink.py` prints both by batch size (on a 2-core Xeon with
-# AMX, one thread: 4x faster for one token, 1.5x for 16, even at 32, 0.8x at 64).
-GATHER_MAX_TOKENS = 32
+# Tokens up to which shrink_concat (a gather over the selected LoRAs) beats the dense shrink GEMM on the matrix
+# units plus masked_concat, as served (each layer's bank out of cache): `bench/cpu_shrink.py` prints both by batch
+# size. On a 2-core Xeon with AMX, one thread: 2.2x faster for one token, 1.5x for 32, 1.3-1.6x for 64, about
+# even from 128.
+GATHER_MAX_TOKENS = 64
 
 
 def shrink_concat(
