@@ -4,7 +4,8 @@ Per adapted projection, `h = x A_all^T` ([T, n*r]), zero (or weight) the r-block
 `y = x W^T + h B_all^T`. The plugin (model.py) runs the expand GEMM fused with the base projection:
 `[x | masked h] @ [W | B_all]^T`. This module holds the math around the GEMMs. Dense on purpose: static shapes,
 no gather, no host sync, so it is safe under CUDA graphs and torch.compile. It wastes n/k of a small product;
-when n*r grows past a few hundred a grouped (gather) kernel may win: measure before adding one.
+on CPU, decode-sized batches skip that waste with a gather kernel (`cpu_kernels.shrink_concat`, tested against
+this module), since there the shrink GEMM's call costs more than its arithmetic.
 """
 
 from __future__ import annotations
