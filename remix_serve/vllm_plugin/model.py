@@ -66,9 +66,10 @@ class RemixMLP(LlamaMLP):
     `gate_up_fused` (gate_up_proj's column-parallel shard, [gate; up] rows, plus a block-diagonal B: each
     adapted projection's B in its own rows and its bank's columns, zeros elsewhere) and `down_fused` (down_proj's
     row shard plus the whole B; masking is linear, so B may act on the shrink's partial sums before the
-    all-reduce). On CPU this saves three small GEMMs, two strided adds and a GEMM call per layer, which cost more
-    than the zeros' multiply-adds (bench/bank_op.py); on GPU it saves kernel launches. `load_bank` builds the
-    fused weights from the base shards that vLLM's own loader filled, then drops the unfused base layers.
+    all-reduce). On CPU this saves three small GEMMs and two strided adds per layer, which cost far more than their
+    arithmetic; one gate_up GEMM instead of two costs about the same GEMM time as its zero blocks save
+    (bench/cpu_gate_up.py) and needs one shrink op, not two. On GPU it saves kernel launches. `load_bank` builds
+    the fused weights from the base shards that vLLM's own loader filled, then drops the unfused base layers.
     """
 
     def __init__(self, *, vllm_config: VllmConfig, ckpt: Checkpoint, layer: int, prefix: str):
