@@ -89,7 +89,7 @@ def test_shrink_concat_equals_dense_shrink_then_masked_concat(dtype, weighting, 
     assert got.dtype == dtype and got.shape == (T, D + banks * n * r)
     assert torch.equal(got[:, :D], x)
     # The same float32 sums in another order: equal up to one rounding of the output dtype.
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=2 ** -7 if dtype != torch.float32 else 1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=2**-7 if dtype != torch.float32 else 1e-5)
     # A float32 copy of the bank gives the same result as the bank in x's dtype.
     torch.testing.assert_close(cpu_kernels.shrink_concat(x, bank_A.float(), ids, w, r), got, atol=0, rtol=2**-7)
 

@@ -67,7 +67,7 @@ class RemixMLP(LlamaMLP):
     adapted projection's B in its own rows and its bank's columns, zeros elsewhere) and `down_fused` (down_proj's
     row shard plus the whole B; masking is linear, so B may act on the shrink's partial sums before the
     all-reduce). On CPU this saves three small GEMMs and two strided adds per layer, which cost far more than their
-    arithmetic; one gate_up GEMM instead of two costs about the same GEMM time as its zero blocks save
+    arithmetic. One gate_up GEMM with zero blocks takes about the GEMM time of two without them
     (bench/cpu_gate_up.py) and needs one shrink op, not two. On GPU it saves kernel launches. `load_bank` builds
     the fused weights from the base shards that vLLM's own loader filled, then drops the unfused base layers.
     """
