@@ -105,6 +105,36 @@ def test_shrink_concat_is_batch_invariant():
         assert torch.equal(one[0], full[t])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("T", "inter", "n", "k", "r"), [(32, 1536, 8, 2, 8), (3, 37, 4, 3, 3)])
+def test_silu_mul_shrink_concat_equals_silu_and_mul_then_shrink_concat(dtype, T, inter, n, k, r):
+    g = torch.Generator().manual_seed(T * inter)
+    gate_up = (torch.randn(T, 2 * inter, generator=g) * 4).to(dtype)
+    gate_up[0, :4] = torch.tensor([-120.0, -30.0, 30.0, 0.0])  # exp(-gate) overflows, underflows; silu(0) = 0
+    bank_A = (torch.randn(n * r, inter, generator=g) * 0.1).to(dtype)
+    w, ids = routed_weights(torch.randn(T, 16, generator=g).to(dtype), n, k, "constant", seed=inter)
+    got = cpu_kernels.silu_mul_shrink_concat(gate_up, bank_A, ids, w, r)
+    act = torch.nn.functional.silu(gate_up[:, :inter].float()) * gate_up[:, inter:].float()  # float32, rounded once
+    assert got.dtype == dtype and got.shape == (T, inter + n * r)
+    # float32 within a few ulps (its own exp); bf16/fp16 at most one ulp apart (a float32 value next to a rounding
+    # boundary may round either way)
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(got[:, :inter], act.to(dtype), atol=1e-6, rtol=ulp)
+    assert torch.isfinite(got).all()
+    # The shrink sees the activation as rounded to the output dtype, as it would after vLLM's SiLU-and-mul.
+    torch.testing.assert_close(got, cpu_kernels.shrink_concat(got[:, :inter], bank_A, ids, w, r), atol=0, rtol=0)
+
+
+def test_silu_mul_shrink_concat_is_batch_invariant():
+    gate_up = torch.randn(24, 2 * 96).bfloat16()
+    bank_A = (torch.randn(8 * 4, 96) * 0.1).bfloat16()
+    w, ids = routed_weights(torch.randn(24, 16).bfloat16(), 8, 2, "constant", seed=0)
+    full = cpu_kernels.silu_mul_shrink_concat(gate_up, bank_A, ids, w, 4)
+    for t in (0, 11, 23):
+        one = cpu_kernels.silu_mul_shrink_concat(gate_up[t : t + 1], bank_A, ids[t : t + 1], w[t : t + 1], 4)
+        assert torch.equal(one[0], full[t])
+
+
 def test_bad_input_gets_a_clear_error():
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="router must be a contiguous float32"):
@@ -122,6 +152,10 @@ def test_bad_input_gets_a_clear_error():
         cpu_kernels.shrink_concat(x, torch.randn(6, 8), ids + 3, w, 2)
     with pytest.raises(RuntimeError, match="ids must be an int64"):
         cpu_kernels.shrink_concat(x, torch.randn(6, 8), ids.int(), w, 2)
+    with pytest.raises(RuntimeError, match="silu_and_mul needs an even width, got 7"):
+        cpu_kernels.silu_mul_shrink_concat(torch.randn(4, 7), torch.randn(6, 3), ids, w, 2)
+    with pytest.raises(RuntimeError, match="route: tensors must be on the CPU, got meta"):
+        cpu_kernels.route(x.to("meta"), torch.randn(3, 8), 1)
 
 
 def test_a_prebuilt_library_in_a_read_only_folder_is_loaded_as_it_is(tmp_path):

@@ -4,24 +4,35 @@ On a small CPU each extra PyTorch op between two GEMMs costs 10-20 us, far more 
 (float32 logits, stable top-k, mask) is seven ops and appending the masked shrink output to a GEMM input is two.
 `route` does routing in one op, `masked_concat` builds a fused GEMM's input from a dense shrink GEMM's output, and
 `shrink_concat` builds it with the shrink of each token's k selected LoRAs computed in place (decode-sized batches,
-up to GATHER_MAX_TOKENS). Each gives the results of `routing` and `bank` (tests/test_cpu_kernels.py). The build
+up to GATHER_MAX_TOKENS); `silu_mul_shrink_concat` does the same for the down projection straight from the gate/up
+GEMM's output, SiLU-and-mul included. Each gives the results of `routing` and `bank` (tests/test_cpu_kernels.py),
+the last also of SiLU-and-mul in float32. The build
 (about 30 s, needs a C++ compiler with OpenMP and ninja) is cached under `TORCH_EXTENSIONS_DIR` (default
 ~/.cache/torch_extensions); `scripts/install.sh` and the CPU image run it at install time, and a build folder this
 process cannot write (a read-only image) is loaded as it is. Where it cannot build, `available()` is False and the
 plugin uses the PyTorch ops. `REMIX_CPU_KERNELS=0` turns them off.
+
+The extension is a plain Python module, not a set of `torch.ops`: the plugin calls it in every layer of every
+decode step, each call right after a GEMM has streamed megabytes of weights through the caches, and the
+dispatcher's code and tables, evicted, cost about 20 us more per call than a direct binding (measured on this
+project's 2-core CPU with a throwaway probe: an empty op after a 3.5 MB GEMM took 24 us through torch.ops, 6 us
+through pybind11). CPU serving runs eager, so nothing needs to trace these calls. Inference only: no autograd.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "remix_cpu.cpp"
+_ext: ModuleType | None = None  # the built module, once available() has returned True
 
 
 @cache
@@ -29,16 +40,19 @@ def available() -> bool:
     """Build (or load the cached build of) the kernels; False, with a warning, where that fails or is turned off."""
     if os.environ.get("REMIX_CPU_KERNELS", "1") == "0":
         return False
+    global _ext
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
         build = Path(_get_build_directory("remix_cpu", verbose=False))
         prebuilt = build / "remix_cpu.so"
         if prebuilt.exists() and not os.access(build, os.W_OK):  # a read-only prebuilt copy (the CPU image)
-            torch.ops.load_library(str(prebuilt))
+            spec = importlib.util.spec_from_file_location("remix_cpu", prebuilt)
+            _ext = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(_ext)
         else:
-            load(name="remix_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                 extra_ldflags=["-fopenmp"], is_python_module=False)  # fmt: skip
+            _ext = load(name="remix_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"])  # fmt: skip
     except Exception as e:  # no compiler, no ninja, read-only cache: serve with the PyTorch ops instead
         log.warning("remix-serve: fused CPU kernels unavailable, using PyTorch ops (%s: %s)", type(e).__name__, e)
         return False
@@ -47,13 +61,13 @@ def available() -> bool:
 
 def route(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`[T, n]` selection mask in x's dtype and `[T, k]` ids: routing.topk_ids + selection_mask of the logits."""
-    mask, ids = torch.ops.remix_cpu.route(x, router, k)
+    mask, ids = _ext.route(x, router, k)
     return mask, ids
 
 
 def masked_concat(x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, rank: int) -> torch.Tensor:
     """`[x | h * weights]`, as `bank.masked_concat`; h may be a column slice (rows contiguous)."""
-    return torch.ops.remix_cpu.masked_concat(x, h, weights, rank)
+    return _ext.masked_concat(x, h, weights, rank)
 
 
 # Tokens up to which shrink_concat (a gather over the selected LoRAs) beats the dense shrink GEMM on the matrix
@@ -72,4 +86,15 @@ def shrink_concat(
     x's dtype or float32; `ids` `[T, k]` (int64) and `weights` `[T, n]` come from routing. bf16 uses AVX512-BF16
     dot products where the CPU has them.
     """
-    return torch.ops.remix_cpu.shrink_concat(x, bank_A, ids, weights, rank)
+    return _ext.shrink_concat(x, bank_A, ids, weights, rank)
+
+
+def silu_mul_shrink_concat(
+    gate_up: torch.Tensor, bank_A: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """`shrink_concat(silu(gate) * up, ...)` in one op, from the gate/up GEMM's output `[T, 2I]` = `[gate | up]`.
+
+    SiLU-and-mul is computed in float32 and rounded once to the input's dtype; vLLM's x86 CPU path for it is
+    two PyTorch ops (`F.silu(gate) * up`), each rounding. The down projection's fused input then takes one op.
+    """
+    return _ext.shrink_concat(gate_up, bank_A, ids, weights, rank, True)

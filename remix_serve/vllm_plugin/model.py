@@ -70,6 +70,9 @@ class RemixMLP(LlamaMLP):
     arithmetic. One gate_up GEMM with zero blocks takes about the GEMM time of two without them
     (bench/cpu_gate_up.py) and needs one shrink op, not two. On GPU it saves kernel launches. `load_bank` builds
     the fused weights from the base shards that vLLM's own loader filled, then drops the unfused base layers.
+
+    On CPU, decode-sized batches build both fused inputs with `cpu_kernels`: the shrink of each token's k selected
+    LoRAs only, and for down, SiLU-and-mul in the same op (bench/cpu_down_input.py).
     """
 
     def __init__(self, *, vllm_config: VllmConfig, ckpt: Checkpoint, layer: int, prefix: str):
@@ -187,7 +190,7 @@ class RemixMLP(LlamaMLP):
         if self.counters is not None:
             self.counters.add(self.slot, ids)
         r = self.rank
-        # Decode-sized batches on CPU: the shrink of the k selected LoRAs only, fused with building the GEMM input
+        # Decode-sized batches on CPU: fused kernels that compute the shrink of each token's k selected LoRAs only
         gather = self.cpu_kernels and x.shape[0] <= cpu_kernels.GATHER_MAX_TOKENS
         if self.gate_up_targets:
             if gather:
@@ -197,16 +200,16 @@ class RemixMLP(LlamaMLP):
             gate_up, _ = self.gate_up_fused(fused_input)  # [T, 2 * I/tp]
         else:
             gate_up, _ = self.gate_up_proj(x)
-        act = self.act_fn(gate_up)
-        if self.adapt_down:
-            # The shrink is a partial sum when tp > 1; masking is linear, so B may act on it before the all-reduce.
-            if gather:
-                fused_input = cpu_kernels.shrink_concat(act, self.down_bank, ids, weights, r)
-            else:
-                fused_input = self.masked_concat(act, self.down_A(act)[0], weights, r)
-            out, _ = self.down_fused(fused_input)  # [T, D], a partial sum when tp > 1
-            return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out
-        return self.down_proj(act)[0]  # reduces its own partial sums
+        if not self.adapt_down:
+            return self.down_proj(self.act_fn(gate_up))[0]  # reduces its own partial sums
+        # The shrink is a partial sum when tp > 1; masking is linear, so B may act on it before the all-reduce.
+        if gather:  # SiLU-and-mul in the same op
+            fused_input = cpu_kernels.silu_mul_shrink_concat(gate_up, self.down_bank, ids, weights, r)
+        else:
+            act = self.act_fn(gate_up)
+            fused_input = self.masked_concat(act, self.down_A(act)[0], weights, r)
+        out, _ = self.down_fused(fused_input)  # [T, D], a partial sum when tp > 1
+        return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out
 
 
 class RemixModelMixin:

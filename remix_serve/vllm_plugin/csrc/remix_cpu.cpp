@@ -3,13 +3,16 @@
 // On a small CPU every extra PyTorch op between two GEMMs costs 10-20 us, far more than its arithmetic, so the
 // per-layer routing (float32 router logits, stable top-k, selection mask) runs as one op here, and so does
 // building a fused GEMM's input `[x | masked shrink]`: from a dense shrink's output (masked_concat, prefill) or
-// with the shrink of the selected LoRAs computed in place (shrink_concat, decode). remix_serve/routing.py and bank.py define the math;
+// with the shrink of the selected LoRAs computed in place (shrink_concat, decode; for the down projection with
+// LlamaMLP's SiLU-and-mul computed in the same pass). remix_serve/routing.py and bank.py define the math;
 // tests/test_cpu_kernels.py checks these kernels against them, ties included.
 #include <torch/extension.h>
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -24,6 +27,16 @@ constexpr int kLanes = 16;
 constexpr int64_t kRoutedRowsPerChunk = 64, kConcatRowsPerChunk = 256;
 // Multiply-adds of a shrink_concat call from which it runs on all threads.
 constexpr int64_t kShrinkParallelMacs = 1 << 17;
+
+// A new CPU tensor, allocated without a trip through the dispatcher (at::empty's dispatch, cold after a layer's
+// GEMM has gone through the caches, costs several microseconds per call on a small CPU).
+torch::Tensor new_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false);
+}
+
+void check_cpu(const char* op, std::initializer_list<const torch::Tensor*> tensors) {
+  for (const auto* t : tensors) TORCH_CHECK(t->device().is_cpu(), op, ": tensors must be on the CPU, got ", t->device());
+}
 
 // out[i] = p_i . x for the `rows` rows p_i = p + i * D, in float32, four rows at a time: each load of x serves
 // four rows, and two kLanes-wide partial sums per row give eight independent multiply-add chains, enough to hide
@@ -89,17 +102,89 @@ void to_float(const scalar_t* src, float* dst, int64_t D) {
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);
 }
 
+// dst[0 .. D) = src[0 .. D) rounded to bfloat16 (to nearest, ties to even; NaN stays a quiet NaN), as
+// c10::BFloat16's conversion rounds, in a loop the compiler vectorises.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void float_to_bf16(const float* src, uint16_t* dst, int64_t D) {
+  const auto* in = reinterpret_cast<const uint32_t*>(src);
+  for (int64_t d = 0; d < D; ++d) {
+    const uint32_t u = in[d];
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    dst[d] = src[d] != src[d] ? uint16_t{0x7FC0} : rounded;
+  }
+}
+
+template <typename scalar_t>
+void from_float(const float* src, scalar_t* dst, int64_t D) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+    float_to_bf16(src, reinterpret_cast<uint16_t*>(dst), D);
+  else
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d]);
+}
+
+// out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i], in float32: LlamaMLP's SiLU-and-mul.
+void silu_mul_scalar(const float* g, const float* u, float* out, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) out[d] = g[d] / (1.f + std::exp(-g[d])) * u[d];
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// exp(x) = 2^n exp(f), n = round(x / ln 2), |f| <= ln 2 / 2, exp(f) by Cephes' degree-6 polynomial (relative
+// error about 1e-7); scalef gives 2^n without overflow tricks (inf above 88.7, 0 below -103.9). NaN stays NaN.
+__attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f"))) void silu_mul_avx512(const float* g, const float* u, float* out, int64_t D) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    const __m512 gv = _mm512_loadu_ps(g + d);
+    // sigmoid(g) = 1 / (1 + exp(-g)): rcp14 plus one Newton step (relative error about 2^-28; a divide is
+    // several times slower)
+    const __m512 den = _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+    __m512 s = _mm512_rcp14_ps(den);
+    s = _mm512_mul_ps(s, _mm512_fnmadd_ps(den, s, _mm512_set1_ps(2.f)));
+    s = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(den, _mm512_set1_ps(INFINITY), _CMP_LT_OQ), s);  // 1/inf = 0
+    _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_mul_ps(gv, s), _mm512_loadu_ps(u + d)));
+  }
+  silu_mul_scalar(g + d, u + d, out + d, D - d);
+}
+#endif
+
+void silu_mul(const float* g, const float* u, float* out, int64_t D) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return silu_mul_avx512(g, u, out, D);
+#endif
+  silu_mul_scalar(g, u, out, D);
+}
+
 // mask [T, n] (x's dtype, 1 on the k selected LoRAs), ids [T, k] (int64, by descending logit, ties to the lowest
 // index): routing.topk_ids(routing.router_logits(x, router), k) and routing.selection_mask(ids, n).
 std::vector<torch::Tensor> route(const torch::Tensor& x, const torch::Tensor& router, int64_t k) {
+  check_cpu("route", {&x, &router});
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "route: x must be [T, D] with contiguous rows");
   TORCH_CHECK(router.dim() == 2 && router.is_contiguous() && router.scalar_type() == at::kFloat,
               "route: router must be a contiguous float32 [n, D]");
   const int64_t T = x.size(0), D = x.size(1), n = router.size(0);
   TORCH_CHECK(router.size(1) == D, "route: router width ", router.size(1), " != x width ", D);
   TORCH_CHECK(k >= 1 && k <= n, "route: k=", k, " must be in [1, ", n, "]");
-  auto mask = torch::zeros({T, n}, x.options());
-  auto ids = torch::empty({T, k}, x.options().dtype(at::kLong));
+  auto mask = new_cpu({T, n}, x.scalar_type());
+  auto ids = new_cpu({T, k}, at::kLong);
   const float* P = router.data_ptr<float>();
   int64_t* id = ids.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "remix_route", [&] {
@@ -109,6 +194,7 @@ std::vector<torch::Tensor> route(const torch::Tensor& x, const torch::Tensor& ro
     at::parallel_for(0, T, kRoutedRowsPerChunk, [&](int64_t begin, int64_t end) {
       std::vector<float> xf(D), logits(n);
       std::vector<char> taken(n);
+      std::fill(M + begin * n, M + end * n, static_cast<scalar_t>(0.f));
       for (int64_t t = begin; t < end; ++t) {
         to_float(X + t * row, xf.data(), D);
         dot_rows(xf.data(), P, n, D, logits.data());
@@ -129,6 +215,7 @@ std::vector<torch::Tensor> route(const torch::Tensor& x, const torch::Tensor& ro
 
 // [x | h * w] as one [T, D + m*n*r] tensor: bank.mask_blocks(h, w, r) appended to x (the fused GEMM's input).
 torch::Tensor masked_concat(const torch::Tensor& x, const torch::Tensor& h, const torch::Tensor& w, int64_t rank) {
+  check_cpu("masked_concat", {&x, &h, &w});
   TORCH_CHECK(x.dim() == 2 && h.dim() == 2 && w.dim() == 2, "masked_concat: x, h, w must be 2-D");
   TORCH_CHECK(x.stride(1) == 1 && h.stride(1) == 1 && w.is_contiguous(), "masked_concat: rows must be contiguous");
   TORCH_CHECK(x.scalar_type() == h.scalar_type() && h.scalar_type() == w.scalar_type(),
@@ -136,7 +223,7 @@ torch::Tensor masked_concat(const torch::Tensor& x, const torch::Tensor& h, cons
   const int64_t T = x.size(0), D = x.size(1), NR = h.size(1), n = w.size(1);
   TORCH_CHECK(h.size(0) == T && w.size(0) == T && rank > 0 && NR % (n * rank) == 0,
               "masked_concat: h must be [T, m*n*r] for w [T, n] and rank r");
-  auto out = torch::empty({T, D + NR}, x.options());
+  auto out = new_cpu({T, D + NR}, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "remix_masked_concat", [&] {
     const scalar_t *X = x.data_ptr<scalar_t>(), *H = h.data_ptr<scalar_t>(), *W = w.data_ptr<scalar_t>();
     scalar_t* O = out.data_ptr<scalar_t>();
@@ -200,15 +287,21 @@ bool cpu_has_bf16_dot() {
 // A is [m*n*r, D] in x's dtype or float32, LoRA j of bank b in rows (b*n + j)*r ... +r-1; w is [T, n] in x's
 // dtype. The shrink output is rounded to x's dtype before it is weighted, as after a GEMM. For decode-sized
 // batches: at prefill sizes a dense GEMM on the matrix units wins (cpu_kernels.GATHER_MAX_TOKENS).
-torch::Tensor shrink_concat(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& ids_,
-                            const torch::Tensor& w_, int64_t rank) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "shrink_concat: x must be [T, D] with contiguous rows");
-  TORCH_CHECK(A.dim() == 2 && A.is_contiguous() && (A.scalar_type() == x.scalar_type() || A.scalar_type() == at::kFloat),
+// With silu_and_mul, the input is a gate/up GEMM's output [T, 2D] and x = silu(gate) * up (float32, rounded once
+// to the input's dtype) is computed here, so the down projection's input takes one op instead of two.
+torch::Tensor shrink_concat(const torch::Tensor& x_, const torch::Tensor& A, const torch::Tensor& ids_,
+                            const torch::Tensor& w_, int64_t rank, bool silu_and_mul) {
+  check_cpu("shrink_concat", {&x_, &A, &ids_, &w_});
+  TORCH_CHECK(x_.dim() == 2 && x_.stride(1) == 1, "shrink_concat: x must be [T, D] with contiguous rows");
+  TORCH_CHECK(!silu_and_mul || x_.size(1) % 2 == 0, "shrink_concat: silu_and_mul needs an even width, got ",
+              x_.size(1));
+  TORCH_CHECK(A.dim() == 2 && A.is_contiguous() && (A.scalar_type() == x_.scalar_type() || A.scalar_type() == at::kFloat),
               "shrink_concat: A must be a contiguous [m*n*r, D] in x's dtype or float32");
   TORCH_CHECK(ids_.dim() == 2 && ids_.scalar_type() == at::kLong, "shrink_concat: ids must be an int64 [T, k]");
-  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == x.scalar_type(), "shrink_concat: w must be a [T, n] in x's dtype");
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == x_.scalar_type(), "shrink_concat: w must be a [T, n] in x's dtype");
   const auto ids = ids_.contiguous(), w = w_.contiguous();  // no copy when they already are (the route kernel's)
-  const int64_t T = x.size(0), D = x.size(1), n = w.size(1), k = ids.size(1), nr = n * rank;
+  const int64_t T = x_.size(0), D = silu_and_mul ? x_.size(1) / 2 : x_.size(1), n = w.size(1), k = ids.size(1),
+                nr = n * rank;
   TORCH_CHECK(ids.size(0) == T && w.size(0) == T, "shrink_concat: x, ids and w must have the same tokens");
   TORCH_CHECK(rank > 0 && A.size(0) > 0 && A.size(0) % nr == 0 && A.size(1) == D, "shrink_concat: A is [",
               A.size(0), ", ", A.size(1), "], expected [m*", nr, ", ", D, "] for banks of ", n, " LoRAs of rank ",
@@ -217,29 +310,35 @@ torch::Tensor shrink_concat(const torch::Tensor& x, const torch::Tensor& A, cons
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < T * k; ++i)
     TORCH_CHECK(id[i] >= 0 && id[i] < n, "shrink_concat: LoRA id ", id[i], " out of range for n=", n);
-  auto out = torch::empty({T, width}, x.options());
+  auto out = new_cpu({T, width}, x_.scalar_type());
   bool bf16_dot = false;
 #ifdef REMIX_HAS_BF16_DOT
-  bf16_dot = x.scalar_type() == at::kBFloat16 && A.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot();
+  bf16_dot = x_.scalar_type() == at::kBFloat16 && A.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot();
 #endif
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "remix_shrink_concat", [&] {
-    const scalar_t *X = x.data_ptr<scalar_t>(), *W = w.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_.scalar_type(), "remix_shrink_concat", [&] {
+    const scalar_t *X = x_.data_ptr<scalar_t>(), *W = w.data_ptr<scalar_t>();
     const bool a_float = A.scalar_type() == at::kFloat;
-    const int64_t row = x.stride(0), tasks = banks * n;
+    const int64_t row = x_.stride(0), tasks = banks * n;
     scalar_t* O = out.data_ptr<scalar_t>();
-    std::vector<float> xf(bf16_dot ? 0 : T * D);  // x in float32 for dot_rows
-    // Two threads pay off from about a decode batch of a small model; a single token's shrink runs inline.
-    const bool threaded = T * k * banks * rank * D >= kShrinkParallelMacs;
-    _Pragma("omp parallel if (threaded)")
-    {
+    std::vector<float> xf(bf16_dot ? 0 : T * D);  // each token's x in float32 for dot_rows
+    // The two loops share out the work when called in a parallel region, and run whole in the caller otherwise.
+    auto work = [&] {
       std::vector<float> h(rank), block(bf16_dot || a_float ? 0 : rank * D);
+      std::vector<float> g(silu_and_mul ? 3 * D : 0);  // gate, up, silu(gate) * up
       _Pragma("omp for schedule(static)")
       for (int64_t t = 0; t < T; ++t) {
         const scalar_t* xt = X + t * row;
+        scalar_t* ot = O + t * width;
+        if (silu_and_mul) {
+          to_float(xt, g.data(), 2 * D);
+          silu_mul(g.data(), g.data() + D, g.data() + 2 * D, D);
+          from_float(g.data() + 2 * D, ot, D);
+        } else {
+          std::copy(xt, xt + D, ot);
+        }
+        std::fill(ot + D, ot + width, static_cast<scalar_t>(0.f));
         if (!bf16_dot)
-          to_float(xt, xf.data() + t * D, D);
-        std::copy(xt, xt + D, O + t * width);
-        std::fill(O + t * width + D, O + (t + 1) * width, static_cast<scalar_t>(0.f));
+          to_float(ot, xf.data() + t * D, D);  // the dots see x as rounded to its dtype, as a GEMM would
       }
       // LoRA-major: one LoRA's r rows of A stay in L1 while the tokens that selected it go by.
       _Pragma("omp for schedule(static)")
@@ -259,7 +358,7 @@ torch::Tensor shrink_concat(const torch::Tensor& x, const torch::Tensor& A, cons
           if (std::find(id + t * k, id + (t + 1) * k, j) == id + (t + 1) * k) continue;
 #ifdef REMIX_HAS_BF16_DOT
           if (bf16_dot)
-            dot_rows_bf16(reinterpret_cast<const at::BFloat16*>(X + t * row),
+            dot_rows_bf16(reinterpret_cast<const at::BFloat16*>(O + t * width),
                           A.data_ptr<at::BFloat16>() + task * rank * D, rank, D, h.data());
           else
 #endif
@@ -270,6 +369,13 @@ torch::Tensor shrink_concat(const torch::Tensor& x, const torch::Tensor& A, cons
             o[c] = static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(h[c])) * wj);
         }
       }
+    };
+    // Threads pay off from about a decode batch of a small model; below that, or with one thread (vLLM's CPU
+    // worker serves with one), no parallel region is opened at all.
+    if (T * k * banks * rank * D >= kShrinkParallelMacs && at::get_num_threads() > 1) {
+      _Pragma("omp parallel") work();
+    } else {
+      work();
     }
   });
   return out;
@@ -277,14 +383,12 @@ torch::Tensor shrink_concat(const torch::Tensor& x, const torch::Tensor& A, cons
 
 }  // namespace
 
-TORCH_LIBRARY(remix_cpu, m) {
-  m.def("route(Tensor x, Tensor router, int k) -> Tensor[]");
-  m.def("masked_concat(Tensor x, Tensor h, Tensor w, int rank) -> Tensor");
-  m.def("shrink_concat(Tensor x, Tensor A, Tensor ids, Tensor w, int rank) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(remix_cpu, CPU, m) {
-  m.impl("route", &route);
-  m.impl("masked_concat", &masked_concat);
-  m.impl("shrink_concat", &shrink_concat);
+// A plain Python module rather than torch.ops: a call through the dispatcher costs about 20 us more the first time
+// after a GEMM has evicted its code and tables, and the plugin calls these in every layer of every decode step.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("route", &route, "mask [T, n] and ids [T, k] of deterministic top-k routing", py::arg("x"),
+        py::arg("router"), py::arg("k"));
+  m.def("masked_concat", &masked_concat, "[x | h * w]", py::arg("x"), py::arg("h"), py::arg("w"), py::arg("rank"));
+  m.def("shrink_concat", &shrink_concat, "[x | masked shrink of the selected LoRAs]", py::arg("x"), py::arg("A"),
+        py::arg("ids"), py::arg("w"), py::arg("rank"), py::arg("silu_and_mul") = false);
 }
