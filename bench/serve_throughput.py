@@ -1,12 +1,14 @@
 """Serving throughput: ReMix plugin vs the base model, vLLM's own single LoRA, and the HF reference.
 
-    .venv/bin/python bench/serve_throughput.py            # SmolLM2-135M, bf16, eager; about 10 minutes on 2 cores
+    .venv/bin/python bench/serve_throughput.py            # SmolLM2-135M, bf16, eager; about 25 minutes on 2 cores
 
 (a) steady decode: 32 concurrent requests x 128 generated tokens (EOS ignored) through the base model alone, the
 ReMix plugin (n=8, k=2, r=8, gate/up/down of every layer) and vLLM's LoRA support with one rank-16 LoRA on the same
 projections; (b) a mixed workload, 64 requests with prompt lengths 8-200 and output lengths 16-256, through the
-ReMix plugin and through the HF reference model in static batches of 32. Configurations alternate and each runs
-`--repeats` times (fresh engine each time, same engine settings); the best run of each is reported with the ratios.
+ReMix plugin and through the HF reference model in static batches of 32. Every configuration's engine is built once
+(same engine settings) and kept while the others run (an idle engine waits on its queue); each repeat runs them all
+in turn, in reverse order every other repeat, so slow drift of a shared machine hits every configuration alike.
+Each ratio is computed within a repeat; the median over repeats is the figure to quote (the spread is printed).
 Adapters are random (the speed does not depend on the weights) and built in a temporary folder.
 """
 
@@ -96,6 +98,8 @@ def timed_generate(llm, prompts: list[list[int]], outs: list[int], lora=None) ->
 
 def hf_static_batches(model, prompts: list[list[int]], outs: list[int], batch: int = 32) -> float:
     """The HF reference in static batches (left-padded, each batch runs to its longest output)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # every core for the reference (vLLM's CPU worker takes one)
     t = time.perf_counter()
     for i in range(0, len(prompts), batch):
         ps, os_ = prompts[i : i + batch], outs[i : i + batch]
@@ -105,12 +109,14 @@ def hf_static_batches(model, prompts: list[list[int]], outs: list[int], batch: i
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(os_), min_new_tokens=max(os_),
                            do_sample=False, pad_token_id=2, eos_token_id=None)  # fmt: skip
-    return sum(outs) / (time.perf_counter() - t)
+    dt = time.perf_counter() - t
+    torch.set_num_threads(threads)
+    return sum(outs) / dt
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loras", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)
@@ -131,56 +137,49 @@ def main() -> None:
 
     from vllm.lora.request import LoRARequest
 
-    best: dict[str, float] = {}
-    runs: dict[str, list[float]] = {}
+    engines: dict[str, object] = {}  # built once and kept side by side
+    runners: dict = {}  # measurement name -> a call that runs it and returns generated tokens/s
+    if "base" in configs:
+        engines["base"] = engine(base)
+        runners["decode base"] = lambda: timed_generate(engines["base"], decode_prompts, decode_outs)
+    if "remix" in configs:
+        engines["remix"] = engine(base, remix=remix)
+        runners["decode remix"] = lambda: timed_generate(engines["remix"], decode_prompts, decode_outs)
+        runners["mixed remix"] = lambda: timed_generate(engines["remix"], mixed_prompts, mixed_outs)
+    if "lora" in configs:
+        engines["lora"], lreq = engine(base, lora_rank=k * r), LoRARequest("l", 1, str(lora))
+        runners["decode vllm-lora"] = lambda: timed_generate(engines["lora"], decode_prompts, decode_outs, lreq)
+    if "hf" in configs:
+        hf_model, _ = reference.load_model(remix, dtype=torch.bfloat16)
+        runners["mixed hf-reference"] = lambda: hf_static_batches(hf_model, mixed_prompts, mixed_outs)
 
-    def record(name: str, value: float) -> None:
-        best[name] = max(best.get(name, 0.0), value)
-        runs.setdefault(name, []).append(value)
-        print(f"  {name:<28} {value:8.1f} tok/s", flush=True)
-
+    runs: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
     for rep in range(args.repeats):
         print(f"repeat {rep + 1}/{args.repeats}", flush=True)
-        if "base" in configs:
-            llm = engine(base)
-            record("decode base", timed_generate(llm, decode_prompts, decode_outs))
-            close(llm)
-        if "remix" in configs:
-            llm = engine(base, remix=remix)
-            record("decode remix", timed_generate(llm, decode_prompts, decode_outs))
-            record("mixed remix", timed_generate(llm, mixed_prompts, mixed_outs))
-            close(llm)
-        if "lora" in configs:
-            llm = engine(base, lora_rank=k * r)
-            lreq = LoRARequest("l", 1, str(lora))
-            record("decode vllm-lora", timed_generate(llm, decode_prompts, decode_outs, lreq))
-            close(llm)
-        if "hf" in configs:
-            torch.set_num_threads(os.cpu_count() or 1)
-            model, _ = reference.load_model(remix, dtype=torch.bfloat16)
-            record("mixed hf-reference", hf_static_batches(model, mixed_prompts, mixed_outs))
-            del model
-            gc.collect()
+        for name in order if rep % 2 == 0 else order[::-1]:
+            runs[name].append(runners[name]())
+            print(f"  {name:<28} {runs[name][-1]:8.1f} tok/s", flush=True)
+    for llm in engines.values():
+        close(llm)
 
     cpu = platform.processor() or platform.machine()
-    print(f"\nmachine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; SmolLM2-135M bf16 "
-          f"eager; ReMix n={n} k={k} r={r}; vLLM LoRA rank {k * r}; best of {args.repeats}")  # fmt: skip
-    print("| workload | configuration | generated tok/s |\n|---|---|---|")
-    for name, value in best.items():
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; SmolLM2-135M bf16 eager; ReMix n={n} k={k} r={r}; "
+          f"vLLM LoRA rank {k * r}; {args.repeats} repeats, engines kept side by side")  # fmt: skip
+    print("| workload | configuration | generated tok/s, median | min-max |\n|---|---|---|---|")
+    for name, values in runs.items():
         workload, config = name.split(" ", 1)
-        print(f"| {workload} | {config} | {value:.1f} |")
-    if {"decode remix", "decode base"} <= best.keys():
-        print(f"ratio decode remix / base        = {best['decode remix'] / best['decode base']:.2f}  (target >= 0.90)")
-        # The same repeat ran both back to back: their ratio shows how much of the spread is the machine's.
-        pairs = [r / b for r, b in zip(runs["decode remix"], runs["decode base"], strict=True)]
-        print(f"  per repeat: {', '.join(f'{p:.2f}' for p in pairs)}; median {statistics.median(pairs):.2f}")
-    if {"decode remix", "decode vllm-lora"} <= best.keys():
-        print(
-            f"ratio decode remix / vllm-lora   = {best['decode remix'] / best['decode vllm-lora']:.2f}  (target >= 3)"
-        )
-    if {"mixed remix", "mixed hf-reference"} <= best.keys():
-        hf_ratio = best["mixed remix"] / best["mixed hf-reference"]
-        print(f"ratio mixed remix / hf-reference = {hf_ratio:.2f}  (target >= 2.5)")
+        print(f"| {workload} | {config} | {statistics.median(values):.1f} | {min(values):.1f}-{max(values):.1f} |")
+
+    def ratio(num: str, den: str, target: float) -> None:
+        if num in runs and den in runs:
+            pairs = [a / b for a, b in zip(runs[num], runs[den], strict=True)]
+            print(f"ratio {num} / {den} = {statistics.median(pairs):.2f} median of repeats (target >= {target}); "
+                  f"per repeat: {', '.join(f'{p:.2f}' for p in pairs)}")  # fmt: skip
+
+    ratio("decode remix", "decode base", 0.90)
+    ratio("decode remix", "decode vllm-lora", 3)
+    ratio("mixed remix", "mixed hf-reference", 2.5)
 
 
 if __name__ == "__main__":
