@@ -14,9 +14,9 @@ plugin uses the PyTorch ops. `REMIX_CPU_KERNELS=0` turns them off.
 
 The extension is a plain Python module, not a set of `torch.ops`: the plugin calls it in every layer of every
 decode step, each call right after a GEMM has streamed megabytes of weights through the caches, and the
-dispatcher's code and tables, evicted, cost about 20 us more per call than a direct binding (measured on this
-project's 2-core CPU with a throwaway probe: an empty op after a 3.5 MB GEMM took 24 us through torch.ops, 6 us
-through pybind11). CPU serving runs eager, so nothing needs to trace these calls. Inference only: no autograd.
+dispatcher's code and tables, evicted, cost about 20 us more per call than a direct binding
+(`bench/cpu_call_overhead.py`). CPU serving runs eager, so nothing needs to trace these calls. Inference only: no
+autograd.
 """
 
 from __future__ import annotations
