@@ -19,6 +19,7 @@ import argparse
 import time
 
 import torch
+from bench_args import add_bank_args
 
 from remix_serve import routing
 from remix_serve.vllm_plugin import bank
@@ -28,11 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=14336)
-    ap.add_argument("--loras", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=16)
+    add_bank_args(ap, hidden=4096, intermediate=14336, rank=16)
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
     dev, dt = torch.device(args.device), torch.bfloat16

@@ -19,15 +19,12 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_args import add_bank_args
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=576)
-    ap.add_argument("--intermediate", type=int, default=1536)
-    ap.add_argument("--loras", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=8)
+    add_bank_args(ap, hidden=576, intermediate=1536, rank=8)
     ap.add_argument("--tokens", default="1,8,32,64")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--iters", type=int, default=600)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from bench_args import add_bank_args
 
 
 def gather_input(
@@ -44,11 +45,7 @@ def dense_input(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=576)
-    ap.add_argument("--intermediate", type=int, default=1536)
-    ap.add_argument("--loras", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=8)
+    add_bank_args(ap, hidden=576, intermediate=1536, rank=8)
     ap.add_argument("--tokens", default="1,8,16,32,64,128,256")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--layers", type=int, default=30)
