@@ -158,6 +158,12 @@ def test_bad_input_gets_a_clear_error():
         cpu_kernels.route(x.to("meta"), torch.randn(3, 8), 1)
 
 
+def test_a_kernel_called_before_the_build_names_what_to_do(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_ext", None)
+    with pytest.raises(RuntimeError, match=r"call cpu_kernels.available\(\) first"):
+        cpu_kernels.route(torch.randn(2, 4), torch.eye(3, 4), 1)
+
+
 def test_a_prebuilt_library_in_a_read_only_folder_is_loaded_as_it_is(tmp_path):
     """The CPU image builds the kernels at image build time; at run time its root filesystem is read-only."""
     import shutil

@@ -59,15 +59,23 @@ def available() -> bool:
     return True
 
 
+def _lib() -> ModuleType:
+    if _ext is None:
+        raise RuntimeError(
+            "remix-serve CPU kernels are not loaded: call cpu_kernels.available() first (it builds them)"
+        )
+    return _ext
+
+
 def route(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`[T, n]` selection mask in x's dtype and `[T, k]` ids: routing.topk_ids + selection_mask of the logits."""
-    mask, ids = _ext.route(x, router, k)
+    mask, ids = _lib().route(x, router, k)
     return mask, ids
 
 
 def masked_concat(x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, rank: int) -> torch.Tensor:
     """`[x | h * weights]`, as `bank.masked_concat`; h may be a column slice (rows contiguous)."""
-    return _ext.masked_concat(x, h, weights, rank)
+    return _lib().masked_concat(x, h, weights, rank)
 
 
 # Tokens up to which shrink_concat (a gather over the selected LoRAs) beats the dense shrink GEMM on the matrix
@@ -86,7 +94,7 @@ def shrink_concat(
     x's dtype or float32; `ids` `[T, k]` (int64) and `weights` `[T, n]` come from routing. bf16 uses AVX512-BF16
     dot products where the CPU has them.
     """
-    return _ext.shrink_concat(x, bank_A, ids, weights, rank)
+    return _lib().shrink_concat(x, bank_A, ids, weights, rank)
 
 
 def silu_mul_shrink_concat(
@@ -97,4 +105,4 @@ def silu_mul_shrink_concat(
     SiLU-and-mul is computed in float32 and rounded once to the input's dtype; vLLM's x86 CPU path for it is
     two PyTorch ops (`F.silu(gate) * up`), each rounding. The down projection's fused input then takes one op.
     """
-    return _ext.shrink_concat(gate_up, bank_A, ids, weights, rank, True)
+    return _lib().shrink_concat(gate_up, bank_A, ids, weights, rank, True)
