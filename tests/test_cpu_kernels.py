@@ -186,3 +186,71 @@ def test_a_prebuilt_library_in_a_read_only_folder_is_loaded_as_it_is(tmp_path):
                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
     assert out.stdout.strip() == "[[0], [0]]"
     assert [p.name for p in (tmp_path / "remix_cpu").iterdir()] == ["remix_cpu.so"]  # nothing was rebuilt
+
+
+# --- The compiled path: the same kernels as torch.library custom ops (cpu_kernels.route_op, bank_input_op).
+
+
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_custom_ops_pass_torch_library_opcheck(silu_mul):
+    """Schema, fake (meta) implementation and dispatch agree: what torch.compile relies on to trace them."""
+    x = torch.randn(5, 48)
+    torch.library.opcheck(cpu_kernels.route_op, (x, torch.randn(6, 48), 2))
+    for T in (5, cpu_kernels.GATHER_MAX_TOKENS + 3):  # both branches
+        inp = torch.randn(T, 2 * 40 if silu_mul else 40)
+        w, ids = routed_weights(torch.randn(T, 16), 4, 2, "constant", seed=T)
+        torch.library.opcheck(cpu_kernels.bank_input_op, (inp, torch.randn(4 * 3, 40) * 0.1, ids, w, 3, silu_mul))
+
+
+def test_one_compiled_graph_gives_the_eager_kernels_results_for_every_batch_size():
+    """Traced once with a dynamic batch (as vLLM compiles its model): decode-sized batches take the gather kernels,
+    larger ones the dense shrink, inside the ops; each equals the eager path the plugin takes at that size."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    D, inter, n, k, r = 48, 40, 6, 2, 3
+    g = torch.Generator().manual_seed(0)
+    router, bank_up, bank_down = torch.randn(n, D, generator=g), torch.randn(n * r, D) * 0.1, torch.randn(n * r, inter)
+    w_up = torch.randn(2 * inter, D + n * r, generator=g) * 0.1
+
+    def mlp(x, route, fused_input, down_input):
+        weights, ids = route(x, router, k)
+        gate_up = fused_input(x, ids, weights) @ w_up.t()
+        return down_input(gate_up, ids, weights), ids
+
+    def compiled_mlp(x):
+        return mlp(
+            x,
+            cpu_kernels.route_op,
+            lambda x, ids, w: cpu_kernels.bank_input_op(x, bank_up, ids, w, r, False),
+            lambda gu, ids, w: cpu_kernels.bank_input_op(gu, bank_down, ids, w, r, True),
+        )
+
+    def dense_input(x, bank_A, ids, w):
+        return bank.masked_concat(x, x @ bank_A.t(), w, r)
+
+    def silu_mul(gate_up):
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
+
+    counter = CompileCounterWithBackend("inductor")
+    fn = torch.compile(compiled_mlp, backend=counter, fullgraph=True, dynamic=True)
+    for T in (2, 7, cpu_kernels.GATHER_MAX_TOKENS, cpu_kernels.GATHER_MAX_TOKENS + 1, 150):  # not 1: specialized
+        x = torch.randn(T, D, generator=g)
+        got, ids = fn(x)
+        if T <= cpu_kernels.GATHER_MAX_TOKENS:
+            expected, expected_ids = mlp(
+                x,
+                cpu_kernels.route,
+                lambda x, ids, w: cpu_kernels.shrink_concat(x, bank_up, ids, w, r),
+                lambda gu, ids, w: cpu_kernels.silu_mul_shrink_concat(gu, bank_down, ids, w, r),
+            )
+        else:
+            expected, expected_ids = mlp(
+                x,
+                cpu_kernels.route,
+                lambda x, ids, w: dense_input(x, bank_up, ids, w),
+                lambda gu, ids, w: dense_input(silu_mul(gu), bank_down, ids, w),
+            )
+        assert torch.equal(ids, expected_ids), T
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1, "recompiled for another batch size"

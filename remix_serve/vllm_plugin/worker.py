@@ -1,7 +1,7 @@
 """Worker extension: the RPC methods through which the API process reads the model's counters.
 
 Installed with `--worker-extension-cls remix_serve.vllm_plugin.worker:RemixWorkerExtension` (remix-serve sets it)
-and called with `collective_rpc("remix_counts")`.
+and called with `collective_rpc("remix_counts")`; `remix_compilation` tells how the worker runs the model.
 """
 
 from __future__ import annotations
@@ -24,3 +24,21 @@ class RemixWorkerExtension:
 
     def remix_record(self, on: bool) -> dict[int, list[list[int]]] | None:
         return self._remix_model().remix_record(on)
+
+    def remix_compilation(self) -> dict[str, int | str]:
+        """How this worker runs the model: vLLM's compilation mode, CUDA-graph mode and compilation counters
+        (graphs traced, compiled, captured) and how many modules were compiled, so a check can tell that a
+        compiled path really ran compiled."""
+        import dataclasses
+
+        from vllm.compilation.counter import compilation_counter
+
+        config = self.vllm_config.compilation_config  # type: ignore[attr-defined]
+        # Modules under vLLM's @support_torch_compile that have been traced and compiled (the decoder)
+        compiled = [m for m in self._remix_model().modules() if getattr(m, "compiled", False) is True]
+        return {
+            "mode": int(config.mode),
+            "cudagraph_mode": str(config.cudagraph_mode),
+            "compiled_modules": len(compiled),
+            **dataclasses.asdict(compilation_counter),
+        }
