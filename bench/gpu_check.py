@@ -19,7 +19,7 @@ most of it compiling and capturing five engines):
    median ratio (target >= 0.90).
 5. decode-llama3-8b: the same on a Llama-3-8B-shaped model with random weights (`load_format="dummy"`; the
    script's random checkpoint n=8, k=2, r=16, all layers, gives the bank's shapes, dummy loading its values).
-6. bank-op: bench/bank_op.py at Llama-3-8B shapes: the bank's time as a fraction of the base MLP's, eager and
+6. bank-op: bench/micro/bank_op.py at Llama-3-8B shapes: the bank's time as a fraction of the base MLP's, eager and
    from CUDA graphs (target under 10%).
 """
 
@@ -197,7 +197,7 @@ def check_logprobs(llm, ckpt: Path) -> None:
 
 
 def check_bank_op(dry_run: bool) -> None:
-    cmd = [sys.executable, str(ROOT / "bench" / "bank_op.py")]
+    cmd = [sys.executable, str(ROOT / "bench" / "micro" / "bank_op.py")]
     if dry_run:
         cmd += ["--device", "cpu", "--tokens", "4", "--hidden", "64", "--intermediate", "128", "--iters", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,7 @@ plugin uses the PyTorch ops. `REMIX_CPU_KERNELS=0` turns them off.
 The extension is a plain Python module, not a set of `torch.ops`: the plugin calls it in every layer of every
 decode step, each call right after a GEMM has streamed megabytes of weights through the caches, and the
 dispatcher's code and tables, evicted, cost about 20 us more per call than a direct binding
-(`bench/cpu_call_overhead.py`). Eager serving (remix-serve's CPU default) calls it directly. torch.compile cannot
+(`bench/micro/cpu_call_overhead.py`). Eager serving (remix-serve's CPU default) calls it directly. torch.compile cannot
 trace a pybind11 call, so the compiled path calls the same kernels through the `torch.library` custom ops at the
 end of this file (`remix::route`, `remix::bank_input`): one opaque node each, with fake implementations for
 tracing. Inference only: no autograd.
@@ -81,7 +81,7 @@ def masked_concat(x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, rank:
 
 
 # Tokens up to which shrink_concat (a gather over the selected LoRAs) beats the dense shrink GEMM on the matrix
-# units plus masked_concat, as served (each layer's bank out of cache): `bench/cpu_shrink.py` prints both by batch
+# units plus masked_concat, as served (each layer's bank out of cache): `bench/micro/cpu_shrink.py` prints both by batch
 # size. On a 2-core Xeon with AMX, one thread: 2.2x faster for one token, 1.5x for 32, 1.3-1.6x for 64, about
 # even from 128.
 GATHER_MAX_TOKENS = 64

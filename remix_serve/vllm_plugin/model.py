@@ -69,11 +69,11 @@ class RemixMLP(LlamaMLP):
     row shard plus the whole B; masking is linear, so B may act on the shrink's partial sums before the
     all-reduce). On CPU this saves three small GEMMs and two strided adds per layer, which cost far more than their
     arithmetic. One gate_up GEMM with zero blocks takes about the GEMM time of two without them
-    (bench/cpu_gate_up.py) and needs one shrink op, not two. On GPU it saves kernel launches. `load_bank` builds
+    (bench/micro/cpu_gate_up.py) and needs one shrink op, not two. On GPU it saves kernel launches. `load_bank` builds
     the fused weights from the base shards that vLLM's own loader filled, then drops the unfused base layers.
 
     On CPU, decode-sized batches build both fused inputs with `cpu_kernels`: the shrink of each token's k selected
-    LoRAs only, and for down, SiLU-and-mul in the same op (bench/cpu_down_input.py).
+    LoRAs only, and for down, SiLU-and-mul in the same op (bench/micro/cpu_down_input.py).
     """
 
     def __init__(self, *, vllm_config: VllmConfig, ckpt: Checkpoint, layer: int, prefix: str):

@@ -1,6 +1,6 @@
 """CPU decode: the down projection's input, from the gate/up GEMM's output, three ways, by batch size.
 
-    .venv/bin/python bench/cpu_down_input.py        # SmolLM2-135M shapes, n=8, k=2, r=8, bf16, one thread
+    .venv/bin/python bench/micro/cpu_down_input.py        # SmolLM2-135M shapes, n=8, k=2, r=8, bf16, one thread
 
 Per batch size T, with `gate_up` = `[gate | up]` `[T, 2I]`:
   base:    vLLM's SiluAndMul (on x86 CPUs `F.silu(gate) * up`, two PyTorch ops): what the base model's MLP runs;

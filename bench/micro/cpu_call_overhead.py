@@ -1,6 +1,6 @@
 """CPU: the cost of calling a C++ op through torch.ops, a pybind11 binding or a torch.library custom op, after a GEMM.
 
-    .venv/bin/python bench/cpu_call_overhead.py     # builds a throwaway extension (about 30 s), then times
+    .venv/bin/python bench/micro/cpu_call_overhead.py     # builds a throwaway extension (about 30 s), then times
 
 The plugin calls its CPU kernels in every layer of every decode step, each call right after a GEMM has streamed
 megabytes of weights through the caches. This builds one extension with the same do-nothing op bound two ways

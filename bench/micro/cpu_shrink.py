@@ -1,6 +1,6 @@
 """CPU shrink paths of the plugin: the gather kernel against the dense shrink GEMM, by batch size.
 
-    .venv/bin/python bench/cpu_shrink.py            # SmolLM2-135M shapes, n=8, k=2, r=8, bf16, one thread
+    .venv/bin/python bench/micro/cpu_shrink.py            # SmolLM2-135M shapes, n=8, k=2, r=8, bf16, one thread
 
 Per batch size T it times building the fused GEMM inputs of a layer both ways:
   gather: `cpu_kernels.shrink_concat` (the k selected LoRAs' shrink computed in place),

@@ -1,6 +1,6 @@
 """CPU layout of the fused gate/up projection: one GEMM with a block-diagonal B against two half-width GEMMs.
 
-    .venv/bin/python bench/cpu_gate_up.py           # SmolLM2-135M shapes, n*r = 64, 32 tokens, bf16, one thread
+    .venv/bin/python bench/micro/cpu_gate_up.py           # SmolLM2-135M shapes, n*r = 64, 32 tokens, bf16, one thread
 
 The plugin appends each adapted projection's B to its base weight along the input dimension. For gate and up that
 is either one GEMM over `[x | h_gate | h_up]` with `[[W_gate, B_gate, 0], [W_up, 0, B_up]]` (zero blocks: more

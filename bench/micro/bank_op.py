@@ -1,7 +1,7 @@
 """Micro-benchmark of the ReMix bank against the base MLP, and a CUDA-graph equality check.
 
-    python bench/bank_op.py                       # CUDA host: Llama-3-8B shapes, bf16, CUDA graphs
-    python bench/bank_op.py --device cpu --tokens 32 --hidden 576 --intermediate 1536 --rank 8   # smoke run
+    python bench/micro/bank_op.py                       # CUDA host: Llama-3-8B shapes, bf16, CUDA graphs
+    python bench/micro/bank_op.py --device cpu --tokens 32 --hidden 576 --intermediate 1536 --rank 8   # smoke run
 
 Shapes default to Llama-3-8B (hidden 4096, intermediate 14336) with n=8, k=2, r=16 and 256 tokens. It times the
 base MLP (gate_up GEMM, SiLU-and-mul, down GEMM) and the same MLP as the plugin runs it with the bank (the PyTorch
