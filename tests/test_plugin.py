@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -358,6 +359,29 @@ def test_compiled_pytorch_path_matches_reference(tiny_base: Path, tmp_path_facto
         assert_compiled_engine_matches_reference(llm, ckpt, num_loras=6, top_k=3)
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_vllm_compile_backend_forced_on_cpu_matches_reference(kernels, tiny_base: Path, tiny_ckpt: Path):
+    """Mode 3 as GPU hosts run it (pieces split at attention, vLLM's passes), minus CUDA graphs and three CUDA-only
+    ops (tests/vllm_compile_on_cpu.py says which): the plugin's custom ops and counters inside vLLM's backend."""
+    env = {**os.environ, "REMIX_CPU_KERNELS": kernels}
+    cmd = [sys.executable, "-m", "tests.vllm_compile_on_cpu", str(tiny_base), str(tiny_ckpt)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT ") :])
+    stats = result["stats"]
+    assert stats["mode"] == 3 and stats["num_piecewise_graphs_seen"] > 1 and stats["num_inductor_compiles"] > 0, stats
+    model, _ = reference.load_model(tiny_ckpt)
+    tokens = 0
+    for prompt, generated in result["outputs"]:
+        assert generated == hf_greedy(model, prompt, len(generated)), prompt
+        tokens += len(prompt) + len(generated) - 1
+    counts = result["counts"]
+    assert counts["routed"] == [tokens, tokens]
+    assert [sum(a) for a in counts["activations"]] == [2 * tokens, 2 * tokens]
 
 
 @pytest.mark.compiled
