@@ -261,10 +261,15 @@ def test_dockerfile_contract(dockerfile: Path):
     # Non-root: the final USER is the image's numeric UID, set before the entrypoint runs.
     assert last["USER"].split(":")[0] == str(IMAGE_UID)
     assert kinds.index("USER") < kinds.index("ENTRYPOINT")
-    assert "/health" in last["HEALTHCHECK"] and "--start-period=" in last["HEALTHCHECK"]
+    assert "--start-period=" in last["HEALTHCHECK"]
     entrypoint = json.loads(last["ENTRYPOINT"])
     copies = [v for k, v in instr if k == "COPY"]
     assert any("docker/entrypoint.sh" in c and c.split()[-1] == entrypoint[0] for c in copies), copies
+    # The HEALTHCHECK runs docker/healthcheck.py (tested below), reading the port file the entrypoint writes.
+    healthcheck = json.loads(last["HEALTHCHECK"].split(" CMD ", 1)[1])
+    assert any("docker/healthcheck.py" in c and c.split()[-1] == healthcheck[0] for c in copies), copies
+    env = " ".join(v for k, v in instr if k == "ENV")
+    assert "REMIX_PORT_FILE=/tmp/" in env
     assert "8000" in last["EXPOSE"].split()
     # No build secrets: no ARG or ENV that carries credentials, no copy of the whole context into a layer.
     for kind, value in instr:
@@ -337,7 +342,7 @@ def test_dockerignore_sends_only_what_the_images_install():
         if line.strip() and not line.startswith("#")
     ]
     needed = ["pyproject.toml", "README.md", "remix_serve/__init__.py", "remix_serve/server/cli.py"]
-    needed += ["docker/entrypoint.sh"]
+    needed += ["docker/entrypoint.sh", "docker/healthcheck.py"]
     for path in needed:
         assert not _dockerignore_excludes(patterns, path), f"{path} is needed by the image build"
     for path in [
