@@ -77,8 +77,10 @@ t_base=$(date +%s)
 if podman image exists "$BASE"; then
     say "base $BASE: in storage"
 else
-    mirror=$(sed -n -e 's/^URIs: *\(.*\/debian\)\/* *$/\1/p' -e 's/^deb \(\[[^]]*\] \)\{0,1\}\([^ ]*\/debian\)\/\{0,1\} .*/\2/p' \
-        /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -n 1)
+    # The Debian mirror this host's apt uses (deb822 or one-line sources), else Debian's own.
+    mirror=$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null |
+        sed -n -e 's,^URIs: *\([^ ]*/debian\)/* *$,\1,p' -e 's,^deb \(\[[^]]*\] \)\{0\,1\}\([^ ]*/debian\)/\{0\,1\} .*,\2,p' |
+        head -n 1 || true)
     mirror=${mirror:-http://deb.debian.org/debian}
     say "base $BASE: not in storage, building a stand-in (debootstrap bookworm from $mirror, Debian's python3.11)"
     rm -rf "$WORK/rootfs"
