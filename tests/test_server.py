@@ -189,6 +189,18 @@ def test_dashboard_queries_only_metrics_the_server_exports(client, server):
     assert dashboard_metric_names() <= exported, dashboard_metric_names() - exported
 
 
+def test_adapter_route_shows_folder_names_not_server_paths(server, tiny_ckpt: Path, tiny_base: Path):
+    """Without --show-adapter-paths the routes name the checkpoint and base by folder only."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    adapter = httpx.get(f"{server.url}/v1/remix/adapter", headers=auth)
+    models = httpx.get(f"{server.url}/v1/models", headers=auth)
+    assert adapter.json()["checkpoint"] == tiny_ckpt.name == MODEL
+    assert adapter.json()["config"]["base_model"] == tiny_base.name
+    assert models.json()["data"][0]["remix"]["base_model"] == models.json()["data"][0]["root"] == tiny_base.name
+    for body in (adapter.text, models.text):
+        assert str(tiny_ckpt.parent) not in body and str(tiny_base.parent) not in body
+
+
 def test_errors_have_openai_shape(server, client):
     unauth = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert unauth.status_code == 401
@@ -352,8 +364,13 @@ def test_unsupported_base_architecture_exits_2(tiny_base: Path, tmp_path: Path):
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_ckpt: Path, tmp_path: Path):
-    srv = RemixServer(tiny_ckpt, "--shutdown-timeout", "30", log=tmp_path / "drain.log").wait_ready()
+    # This engine also checks --show-adapter-paths (an engine start costs about 25 s).
+    srv = RemixServer(tiny_ckpt, "--shutdown-timeout", "30", "--show-adapter-paths", log=tmp_path / "drain.log")
+    srv.wait_ready()
     try:
+        adapter = httpx.get(f"{srv.url}/v1/remix/adapter").json()
+        assert adapter["checkpoint"] == str(tiny_ckpt.resolve())
+        assert Path(adapter["config"]["base_model"]).is_absolute()
         result: dict = {}
 
         def call() -> None:

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="model dtype: bfloat16, float32, float16 (default: %(default)s)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor-parallel ranks (default: 1)")
     p.add_argument(
+        "--show-adapter-paths",
+        action="store_true",
+        help="show the checkpoint's and base's paths on this server in /v1/remix/adapter and /v1/models "
+        "(default: folder names only)",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=int,
         default=DRAIN_SECONDS,
@@ -91,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # The general plugin (model classes) and the endpoint plugin (routes, metrics) must both be allow-listed.
     os.environ["VLLM_PLUGINS"] = "remix_serve,remix_serve_endpoint"
+    # The endpoint plugin runs in this process and reads the one flag of ours that it needs from the environment.
+    from remix_serve.server.endpoint import SHOW_PATHS_ENV
+
+    os.environ[SHOW_PATHS_ENV] = "1" if args.show_adapter_paths else "0"
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
