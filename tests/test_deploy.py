@@ -123,22 +123,30 @@ def _variable_query(var: dict) -> str | None:
     return query or None
 
 
-def dashboard_queries(dashboard: dict | None = None) -> list[str]:
-    """Every PromQL expression of the dashboard: panel targets (rows' nested panels included) and the
-    `label_values(...)` / `query_result(...)` expressions of its query variables."""
+def dashboard_targets(dashboard: dict | None = None) -> list[tuple[str, str]]:
+    """(panel title, PromQL expression) of every panel target, rows' nested panels included."""
     if dashboard is None:
         dashboard = json.loads(DASHBOARD.read_text())
-    exprs: list[str] = []
 
     def panels(items: list[dict]):
         for p in items:
             yield p
             yield from panels(p.get("panels", []))
 
-    for p in panels(dashboard.get("panels", [])):
-        for target in p.get("targets", []):
-            if target.get("expr"):
-                exprs.append(target["expr"])
+    return [
+        (p.get("title", ""), target["expr"])
+        for p in panels(dashboard.get("panels", []))
+        for target in p.get("targets", [])
+        if target.get("expr")
+    ]
+
+
+def dashboard_variables(dashboard: dict | None = None) -> list[tuple[str, str, str | None]]:
+    """(name, PromQL expression, label) of each query variable: `label_values(expr, label)` gives the label,
+    `query_result(expr)` gives None."""
+    if dashboard is None:
+        dashboard = json.loads(DASHBOARD.read_text())
+    out = []
     for var in dashboard.get("templating", {}).get("list", []):
         if var.get("type") != "query":
             continue
@@ -148,8 +156,15 @@ def dashboard_queries(dashboard: dict | None = None) -> list[str]:
         match = _LABEL_VALUES.match(query) or _QUERY_RESULT.match(query)
         if match is None:
             raise ValueError(f"variable {var.get('name')!r}: unsupported query {query!r}")
-        exprs.append(match["expr"])
-    return exprs
+        out.append((var["name"], match["expr"], match.groupdict().get("label")))
+    return out
+
+
+def dashboard_queries(dashboard: dict | None = None) -> list[str]:
+    """Every PromQL expression of the dashboard: panel targets (rows' nested panels included) and the
+    `label_values(...)` / `query_result(...)` expressions of its query variables."""
+    targets = [expr for _, expr in dashboard_targets(dashboard)]
+    return targets + [expr for _, expr, _ in dashboard_variables(dashboard)]
 
 
 def dashboard_metric_names(dashboard: dict | None = None) -> set[str]:

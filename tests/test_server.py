@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from remix_serve import reference
 from tests.server_utils import RemixServer, free_port
-from tests.test_deploy import dashboard_metric_names, exported_metric_names
+from tests.test_deploy import (
+    dashboard_metric_names,
+    dashboard_targets,
+    dashboard_variables,
+    exported_metric_names,
+)
 
 pytestmark = pytest.mark.engine
 KEY = "test-key"
@@ -285,6 +293,94 @@ def test_32_concurrent_streams_complete_with_every_token_accounted(server):
     expected = next(iter(routed0.values())) + sum(p + c - 1 for p, c in results)
     _, routed = wait_for_routed(server, expected)
     assert all(v == expected for v in routed.values()), (routed, expected)
+
+
+PROMETHEUS = shutil.which("prometheus")
+# Grafana's variables as a user who picked every model and layer would have them: a multi-value pick becomes a
+# regex alternation; interval variables become a duration.
+GRAFANA_INTERVALS = re.compile(r"\$\{?(__rate_interval|__interval|__range)\}?")
+
+
+def prometheus_api(url: str, path: str, **params) -> list:
+    """The result list of /api/v1/query (instant vectors) or /api/v1/series (label sets)."""
+    body = httpx.get(f"{url}/api/v1/{path}", params=params, timeout=10).json()
+    assert body["status"] == "success", body
+    return body["data"]["result"] if path == "query" else body["data"]
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="no `prometheus` binary (Debian: apt-get install prometheus)")
+def test_prometheus_scrapes_the_server_and_every_dashboard_query_returns_data(server, client, tmp_path: Path):
+    """A real Prometheus scrapes the live server under a small workload; every query of the Grafana dashboard,
+    its variables substituted as Grafana would, returns at least one finite value through the HTTP API."""
+    port = free_port()
+    prom_url = f"http://127.0.0.1:{port}"
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: remix-serve\n"
+        "    metrics_path: /metrics\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n"
+    )
+    argv = [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    with open(tmp_path / "prometheus.log", "w") as log:
+        prom = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def scraped_samples() -> float:
+            up = prometheus_api(prom_url, "query", query='sum(count_over_time(up{job="remix-serve"}[1m]))')
+            return float(up[0]["value"][1]) if up else 0.0
+
+        def wait_for_scrapes(n: int) -> None:
+            start, deadline = scraped_samples(), time.monotonic() + 30
+            while scraped_samples() < start + n:
+                assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-3000:]
+                time.sleep(0.3)
+
+        deadline = time.monotonic() + 30
+        while True:
+            assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{prom_url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "Prometheus not ready after 30 s"
+            time.sleep(0.3)
+        wait_for_scrapes(2)  # samples before the workload, so rate() sees the counters grow
+        for i in range(4):
+            client.completions.create(model=MODEL, prompt=f"scrape {i}", max_tokens=12, temperature=0)
+            for _ in client.completions.create(model=MODEL, prompt=f"stream {i}", max_tokens=12, stream=True):
+                pass
+        time.sleep(1.5)  # the API process polls the worker's counters every second
+        wait_for_scrapes(3)
+        assert prometheus_api(prom_url, "query", query="up")[0]["value"][1] == "1"
+
+        values: dict[str, list[str]] = {}
+        for name, expr, label in dashboard_variables():
+            if label is None:
+                found = [str(r["metric"]) for r in prometheus_api(prom_url, "query", query=expr)]
+            else:
+                series = prometheus_api(prom_url, "series", **{"match[]": expr.replace("$model_name", MODEL)})
+                found = sorted({s[label] for s in series if label in s})
+            assert found, f"variable ${name}: {expr} has no values"
+            values[name] = found
+        assert values["model_name"] == [MODEL]
+
+        def substitute(expr: str) -> str:
+            for name, found in values.items():
+                expr = expr.replace(f"${{{name}}}", "|".join(found)).replace(f"${name}", "|".join(found))
+            return GRAFANA_INTERVALS.sub("1m", expr)
+
+        empty = []
+        for title, expr in dashboard_targets():
+            result = prometheus_api(prom_url, "query", query=substitute(expr))
+            if not any(math.isfinite(float(r["value"][1])) for r in result):
+                empty.append(f"{title}: {substitute(expr)} -> {result}")
+        assert not empty, "panels without data:\n" + "\n".join(empty)
+    finally:
+        prom.terminate()
+        prom.wait(30)
 
 
 def test_bad_checkpoint_exits_2_with_message_and_never_listens(tiny_ckpt: Path, tmp_path: Path):
