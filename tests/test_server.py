@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -405,7 +406,6 @@ def test_bad_checkpoint_exits_2_with_message_and_never_listens(tiny_ckpt: Path, 
 def test_plain_vllm_server_serves_a_checkpoint_through_hf_overrides(tiny_base: Path, tiny_ckpt: Path, tmp_path: Path):
     """README's "Plain vLLM" command: vLLM's own server, the plugin found through its entry point."""
     import json
-    import os
 
     from remix_serve.vllm_plugin import WORKER_EXTENSION, hf_overrides
 
@@ -457,6 +457,51 @@ def test_unsupported_base_architecture_exits_2(tiny_base: Path, tmp_path: Path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "base architectures ['PhiForCausalLM'] are not supported by remix-serve; supported:" in proc.stderr
+
+
+def _catches_signal(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (SigCgt in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M)[1], 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
+def _pid_namespaces_work() -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    return subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _pid_namespaces_work(), reason="needs `unshare --pid` (root) to run remix-serve as PID 1")
+def test_sigterm_to_pid_1_during_startup_stops_it(tiny_ckpt: Path, tmp_path: Path):
+    """As a container's PID 1 (no --init) the kernel drops SIGTERM while no handler is installed, and vLLM installs
+    its own only once its server starts: remix-serve catches it from its first line, so a `docker stop` during
+    checkpoint checks or model load stops it at once (exit 143) instead of waiting to be killed."""
+    import signal
+
+    port = free_port()
+    log = tmp_path / "pid1.log"
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "remix_serve.server.cli",
+            "--adapter", str(tiny_ckpt), "--port", str(port), "--dtype", "float32"]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 30
+        server = None
+        while server is None or not _catches_signal(server, signal.SIGTERM):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            server = server or next((int(p) for p in children.read_text().split()), None)
+            time.sleep(0.01)
+        os.kill(server, signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert "vLLM" not in log.read_text()  # stopped before vLLM started
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_ckpt: Path, tmp_path: Path):

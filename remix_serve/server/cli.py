@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
-
-from remix_serve import bases
-from remix_serve.checkpoint import CheckpointError, load_checkpoint
 
 EXIT_BAD_CHECKPOINT = 2
 DRAIN_SECONDS = 30  # SIGTERM: finish in-flight requests for up to this long (k8s grace period must exceed it)
@@ -85,7 +83,19 @@ def vllm_argv(args: argparse.Namespace, base: Path, passthrough: list[str]) -> l
     return argv + passthrough
 
 
+def _stop_before_serving(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
+    # As a container's PID 1 (the entrypoint execs us; no --init) the kernel drops SIGTERM unless a handler is
+    # installed, so `docker stop` during checkpoint checks, base conversion or model load would wait for its
+    # timeout and then kill. Until vLLM installs its own handler (drain, then exit 0) there is nothing to drain:
+    # stop at once. Hence the imports below come after this line.
+    signal.signal(signal.SIGTERM, _stop_before_serving)
+    from remix_serve import bases
+    from remix_serve.checkpoint import CheckpointError, load_checkpoint
+
     args, passthrough = build_parser().parse_known_args(argv)
     try:
         ckpt = load_checkpoint(args.adapter)
