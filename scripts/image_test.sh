@@ -140,8 +140,10 @@ podman rm -f "$NAME" >/dev/null 2>&1 || true
 cleanup() { podman rm -f "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 t_start=$(date +%s)
+# (stderr to a file: without systemd, podman logs an error for each health-check timer it cannot set up)
 podman run -d --name "$NAME" --shm-size 4g -e VLLM_CPU_KVCACHE_SPACE=4 \
-    -v "$WORK/ctx/examples/demo-adapter:/ckpt:ro" -p "127.0.0.1:$PORT:8000" "$IMAGE" --adapter /ckpt >/dev/null
+    -v "$WORK/ctx/examples/demo-adapter:/ckpt:ro" -p "127.0.0.1:$PORT:8000" "$IMAGE" --adapter /ckpt \
+    >/dev/null 2>"$WORK/podman-run.log" || { cat "$WORK/podman-run.log" >&2; die "podman run failed"; }
 until curl -fsS --max-time 2 -o /dev/null "$URL/health" 2>/dev/null; do
     if [ "$(podman inspect --format '{{.State.Running}}' "$NAME")" != true ]; then
         podman logs --tail 40 "$NAME" >&2
@@ -216,7 +218,7 @@ check_graceful_stop() {
         sleep 0.2
     done
     t0=$(date +%s)
-    podman stop -t 120 "$NAME" >/dev/null
+    podman stop -t 120 "$NAME" >/dev/null 2>>"$WORK/podman-run.log"
     t_stop=$(($(date +%s) - t0))
     wait "$client" || true
     code=$(podman inspect --format '{{.State.ExitCode}}' "$NAME")
