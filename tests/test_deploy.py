@@ -156,7 +156,7 @@ def dashboard_variables(dashboard: dict | None = None) -> list[tuple[str, str, s
         match = _LABEL_VALUES.match(query) or _QUERY_RESULT.match(query)
         if match is None:
             raise ValueError(f"variable {var.get('name')!r}: unsupported query {query!r}")
-        out.append((var["name"], match["expr"], match.groupdict().get("label")))
+        out.append((var.get("name", ""), match["expr"], match.groupdict().get("label")))
     return out
 
 
