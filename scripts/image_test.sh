@@ -86,7 +86,8 @@ else
     rm -rf "$WORK/rootfs"
     debootstrap --variant=minbase bookworm "$WORK/rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1 ||
         die "debootstrap failed: see $WORK/debootstrap.log"
-    tar -C "$WORK/rootfs" -c . | podman import - localhost/debian:bookworm >/dev/null
+    tar -C "$WORK/rootfs" -c . | podman import - localhost/debian:bookworm >"$WORK/import.log" 2>&1 ||
+        die "podman import failed: see $WORK/import.log"
     rm -rf "$WORK/rootfs"
     mkdir -p "$WORK/standin"
     # What the Dockerfile uses of python:3.11-slim: python/pip on PATH (with headers, to build the CPU kernels),
