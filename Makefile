@@ -1,5 +1,6 @@
 # The two commands of README: `make serve` (the main job) and `make test` (the whole suite).
-.PHONY: install test lint serve bench
+# `make image-test` builds and checks the CPU image with podman (root, Debian; about 6 minutes).
+.PHONY: install test lint serve bench image-test
 
 VENV := .venv
 INSTALLED := $(VENV)/.installed
@@ -18,3 +19,6 @@ test: $(INSTALLED) lint
 
 serve: $(INSTALLED)
 	$(VENV)/bin/remix-serve --adapter $(DEMO_ADAPTER) --host 127.0.0.1 --port 8000
+
+image-test:
+	bash scripts/image_test.sh

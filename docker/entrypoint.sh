@@ -8,6 +8,8 @@
 # Environment:
 #   REMIX_HOST   default for --host (0.0.0.0, so the port is reachable from outside the container)
 #   REMIX_PORT   default for --port when set (the image's HEALTHCHECK reads it too; remix-serve's default is 8000)
+#   REMIX_PORT_FILE  when set, the port the server will listen on (from --port N, --port=N, REMIX_PORT or the
+#                default 8000) is written there for the image's HEALTHCHECK (docker/healthcheck.py)
 #   REMIX_HOME   where bundled bases are converted on first use; must be writable. Default
 #                $XDG_CACHE_HOME/remix-serve, else $HOME/.cache/remix-serve, else /tmp/remix-serve.
 # It runs without Docker too: it only needs `remix-serve` on PATH (or REMIX_SERVE_BIN).
@@ -63,6 +65,23 @@ if [ -n "${REMIX_PORT:-}" ] && ! has_flag --port "$@"; then
 fi
 if ! has_flag --host "$@"; then
     set -- --host "${REMIX_HOST:-0.0.0.0}" "$@"
+fi
+
+# The port remix-serve will listen on: its last --port wins, as in argparse.
+port=8000
+take_next=
+for arg in "$@"; do
+    if [ -n "$take_next" ]; then
+        port=$arg
+        take_next=
+    fi
+    case "$arg" in
+        --port) take_next=1 ;;
+        --port=*) port=${arg#--port=} ;;
+    esac
+done
+if [ -n "${REMIX_PORT_FILE:-}" ] && ! printf '%s\n' "$port" 2>/dev/null >"$REMIX_PORT_FILE"; then
+    echo "entrypoint: cannot write REMIX_PORT_FILE=$REMIX_PORT_FILE; the HEALTHCHECK will probe ${REMIX_PORT:-8000}" >&2
 fi
 
 exec "${REMIX_SERVE_BIN:-remix-serve}" "$@"

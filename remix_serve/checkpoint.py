@@ -168,6 +168,9 @@ def _format_validation_error(err: ValidationError) -> list[str]:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] not in ("missing", "value_error"):  # pydantic's own messages omit the value; ours name it
+            got = repr(e["input"])
+            msg += f", got {got if len(got) <= 80 else got[:77] + '...'}"
         lines.append(f"{CONFIG_FILE}: {loc + ': ' if loc else ''}{msg}")
     return lines
 

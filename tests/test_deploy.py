@@ -24,9 +24,14 @@ import promql_parser
 import pytest
 import yaml
 
+from tests.server_utils import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
+# Shell scripts other than the entrypoint (which is POSIX sh), checked with shellcheck as bash.
+BASH_SCRIPTS = [ROOT / "scripts" / "install.sh", ROOT / "scripts" / "image_test.sh", ROOT / ".ci" / "run"]
 DASHBOARD = ROOT / "deploy" / "grafana" / "remix-dashboard.json"
 OVERLAYS = ["gpu", "cpu"]
 K8S_VERSION = "1.37.0"
@@ -118,22 +123,30 @@ def _variable_query(var: dict) -> str | None:
     return query or None
 
 
-def dashboard_queries(dashboard: dict | None = None) -> list[str]:
-    """Every PromQL expression of the dashboard: panel targets (rows' nested panels included) and the
-    `label_values(...)` / `query_result(...)` expressions of its query variables."""
+def dashboard_targets(dashboard: dict | None = None) -> list[tuple[str, str]]:
+    """(panel title, PromQL expression) of every panel target, rows' nested panels included."""
     if dashboard is None:
         dashboard = json.loads(DASHBOARD.read_text())
-    exprs: list[str] = []
 
     def panels(items: list[dict]):
         for p in items:
             yield p
             yield from panels(p.get("panels", []))
 
-    for p in panels(dashboard.get("panels", [])):
-        for target in p.get("targets", []):
-            if target.get("expr"):
-                exprs.append(target["expr"])
+    return [
+        (p.get("title", ""), target["expr"])
+        for p in panels(dashboard.get("panels", []))
+        for target in p.get("targets", [])
+        if target.get("expr")
+    ]
+
+
+def dashboard_variables(dashboard: dict | None = None) -> list[tuple[str, str, str | None]]:
+    """(name, PromQL expression, label) of each query variable: `label_values(expr, label)` gives the label,
+    `query_result(expr)` gives None."""
+    if dashboard is None:
+        dashboard = json.loads(DASHBOARD.read_text())
+    out = []
     for var in dashboard.get("templating", {}).get("list", []):
         if var.get("type") != "query":
             continue
@@ -143,8 +156,15 @@ def dashboard_queries(dashboard: dict | None = None) -> list[str]:
         match = _LABEL_VALUES.match(query) or _QUERY_RESULT.match(query)
         if match is None:
             raise ValueError(f"variable {var.get('name')!r}: unsupported query {query!r}")
-        exprs.append(match["expr"])
-    return exprs
+        out.append((var.get("name", ""), match["expr"], match.groupdict().get("label")))
+    return out
+
+
+def dashboard_queries(dashboard: dict | None = None) -> list[str]:
+    """Every PromQL expression of the dashboard: panel targets (rows' nested panels included) and the
+    `label_values(...)` / `query_result(...)` expressions of its query variables."""
+    targets = [expr for _, expr in dashboard_targets(dashboard)]
+    return targets + [expr for _, expr, _ in dashboard_variables(dashboard)]
 
 
 def dashboard_metric_names(dashboard: dict | None = None) -> set[str]:
@@ -261,10 +281,15 @@ def test_dockerfile_contract(dockerfile: Path):
     # Non-root: the final USER is the image's numeric UID, set before the entrypoint runs.
     assert last["USER"].split(":")[0] == str(IMAGE_UID)
     assert kinds.index("USER") < kinds.index("ENTRYPOINT")
-    assert "/health" in last["HEALTHCHECK"] and "--start-period=" in last["HEALTHCHECK"]
+    assert "--start-period=" in last["HEALTHCHECK"]
     entrypoint = json.loads(last["ENTRYPOINT"])
     copies = [v for k, v in instr if k == "COPY"]
     assert any("docker/entrypoint.sh" in c and c.split()[-1] == entrypoint[0] for c in copies), copies
+    # The HEALTHCHECK runs docker/healthcheck.py (tested below), reading the port file the entrypoint writes.
+    healthcheck = json.loads(last["HEALTHCHECK"].split(" CMD ", 1)[1])
+    assert any("docker/healthcheck.py" in c and c.split()[-1] == healthcheck[0] for c in copies), copies
+    env = " ".join(v for k, v in instr if k == "ENV")
+    assert "REMIX_PORT_FILE=/tmp/" in env
     assert "8000" in last["EXPOSE"].split()
     # No build secrets: no ARG or ENV that carries credentials, no copy of the whole context into a layer.
     for kind, value in instr:
@@ -337,7 +362,7 @@ def test_dockerignore_sends_only_what_the_images_install():
         if line.strip() and not line.startswith("#")
     ]
     needed = ["pyproject.toml", "README.md", "remix_serve/__init__.py", "remix_serve/server/cli.py"]
-    needed += ["docker/entrypoint.sh"]
+    needed += ["docker/entrypoint.sh", "docker/healthcheck.py"]
     for path in needed:
         assert not _dockerignore_excludes(patterns, path), f"{path} is needed by the image build"
     for path in [
@@ -360,7 +385,7 @@ def test_dockerignore_sends_only_what_the_images_install():
 def _entrypoint_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for key in ("REMIX_HOST", "REMIX_PORT", "REMIX_SERVE_BIN", "VLLM_PORT", "XDG_CACHE_HOME"):
+    for key in ("REMIX_HOST", "REMIX_PORT", "REMIX_PORT_FILE", "REMIX_SERVE_BIN", "VLLM_PORT", "XDG_CACHE_HOME"):
         env.pop(key, None)
     env["REMIX_HOME"] = str(tmp_path / "remix-home")
     env.update(extra)
@@ -404,6 +429,77 @@ def test_entrypoint_environment(tmp_path: Path):
 def test_entrypoint_passes_shellcheck():
     proc = run([tool("shellcheck"), "--shell=sh", "--severity=style", str(ENTRYPOINT)])
     assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("script", BASH_SCRIPTS, ids=lambda p: p.name)
+def test_scripts_pass_shellcheck(script: Path):
+    proc = run([tool("shellcheck"), "--shell=bash", "--severity=style", str(script)])
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.fixture
+def health_server():
+    """A server on a free 127.0.0.1 port that answers GET /health with 200; yields its port."""
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("how", ["--port N", "--port=N", "REMIX_PORT"])
+def test_healthcheck_probes_the_port_the_server_is_given(how: str, health_server: int, tmp_path: Path):
+    """The image's HEALTHCHECK (docker/healthcheck.py) follows the port however it was given: the entrypoint
+    records it in REMIX_PORT_FILE; with nothing listening there the check fails."""
+    port = str(health_server)
+    port_file = tmp_path / "remix-serve.port"
+    env = _entrypoint_env(tmp_path, REMIX_SERVE_BIN="echo", REMIX_PORT_FILE=str(port_file))
+    args = {"--port N": ["--port", port], "--port=N": [f"--port={port}"], "REMIX_PORT": []}[how]
+    if how == "REMIX_PORT":
+        env["REMIX_PORT"] = port
+    proc = run([str(ENTRYPOINT), "--adapter", "/ckpt", *args], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert port_file.read_text().strip() == port
+    # The container runs the check with the image's environment, REMIX_PORT unset unless given with -e.
+    check_env = {k: v for k, v in env.items() if k != "REMIX_PORT"} | {"REMIX_PORT_FILE": str(port_file)}
+    assert run([sys.executable, str(HEALTHCHECK)], env=check_env).returncode == 0
+    port_file.write_text(f"{free_port()}\n")
+    failed = run([sys.executable, str(HEALTHCHECK)], env=check_env)
+    assert failed.returncode == 1 and "/health" in failed.stderr
+
+
+def test_healthcheck_without_port_file_probes_remix_port(health_server: int, tmp_path: Path):
+    env = _entrypoint_env(tmp_path, REMIX_PORT_FILE=str(tmp_path / "never-written"))
+    assert run([sys.executable, str(HEALTHCHECK)], env=env | {"REMIX_PORT": str(health_server)}).returncode == 0
+    closed = str(free_port())
+    proc = run([sys.executable, str(HEALTHCHECK)], env=env | {"REMIX_PORT": closed})
+    assert proc.returncode == 1 and f"127.0.0.1:{closed}/health" in proc.stderr
+
+
+def test_entrypoint_last_port_wins_and_an_unwritable_port_file_is_not_fatal(tmp_path: Path):
+    port_file = tmp_path / "p"
+    env = _entrypoint_env(tmp_path, REMIX_SERVE_BIN="echo", REMIX_PORT_FILE=str(port_file))
+    run([str(ENTRYPOINT), "--port", "9001", "--adapter", "/ckpt", "--port=9002"], env=env)
+    assert port_file.read_text() == "9002\n"
+    run([str(ENTRYPOINT), "--adapter", "/ckpt"], env=env)
+    assert port_file.read_text() == "8000\n"
+    env["REMIX_PORT_FILE"] = str(tmp_path / "missing-dir" / "p")
+    proc = run([str(ENTRYPOINT), "--adapter", "/ckpt"], env=env)
+    assert proc.returncode == 0 and "cannot write REMIX_PORT_FILE" in proc.stderr
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from remix_serve import reference
 from tests.server_utils import RemixServer, free_port
-from tests.test_deploy import dashboard_metric_names, exported_metric_names
+from tests.test_deploy import (
+    dashboard_metric_names,
+    dashboard_targets,
+    dashboard_variables,
+    exported_metric_names,
+)
 
 pytestmark = pytest.mark.engine
 KEY = "test-key"
@@ -189,6 +198,18 @@ def test_dashboard_queries_only_metrics_the_server_exports(client, server):
     assert dashboard_metric_names() <= exported, dashboard_metric_names() - exported
 
 
+def test_adapter_route_shows_folder_names_not_server_paths(server, tiny_ckpt: Path, tiny_base: Path):
+    """Without --show-adapter-paths the routes name the checkpoint and base by folder only."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    adapter = httpx.get(f"{server.url}/v1/remix/adapter", headers=auth)
+    models = httpx.get(f"{server.url}/v1/models", headers=auth)
+    assert adapter.json()["checkpoint"] == tiny_ckpt.name == MODEL
+    assert adapter.json()["config"]["base_model"] == tiny_base.name
+    assert models.json()["data"][0]["remix"]["base_model"] == models.json()["data"][0]["root"] == tiny_base.name
+    for body in (adapter.text, models.text):
+        assert str(tiny_ckpt.parent) not in body and str(tiny_base.parent) not in body
+
+
 def test_errors_have_openai_shape(server, client):
     unauth = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert unauth.status_code == 401
@@ -275,6 +296,94 @@ def test_32_concurrent_streams_complete_with_every_token_accounted(server):
     assert all(v == expected for v in routed.values()), (routed, expected)
 
 
+PROMETHEUS = shutil.which("prometheus")
+# Grafana's variables as a user who picked every model and layer would have them: a multi-value pick becomes a
+# regex alternation; interval variables become a duration.
+GRAFANA_INTERVALS = re.compile(r"\$\{?(__rate_interval|__interval|__range)\}?")
+
+
+def prometheus_api(url: str, path: str, **params) -> list:
+    """The result list of /api/v1/query (instant vectors) or /api/v1/series (label sets)."""
+    body = httpx.get(f"{url}/api/v1/{path}", params=params, timeout=10).json()
+    assert body["status"] == "success", body
+    return body["data"]["result"] if path == "query" else body["data"]
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="no `prometheus` binary (Debian: apt-get install prometheus)")
+def test_prometheus_scrapes_the_server_and_every_dashboard_query_returns_data(server, client, tmp_path: Path):
+    """A real Prometheus scrapes the live server under a small workload; every query of the Grafana dashboard,
+    its variables substituted as Grafana would, returns at least one finite value through the HTTP API."""
+    port = free_port()
+    prom_url = f"http://127.0.0.1:{port}"
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: remix-serve\n"
+        "    metrics_path: /metrics\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n"
+    )
+    argv = [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    with open(tmp_path / "prometheus.log", "w") as log:
+        prom = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def scraped_samples() -> float:
+            up = prometheus_api(prom_url, "query", query='sum(count_over_time(up{job="remix-serve"}[1m]))')
+            return float(up[0]["value"][1]) if up else 0.0
+
+        def wait_for_scrapes(n: int) -> None:
+            start, deadline = scraped_samples(), time.monotonic() + 30
+            while scraped_samples() < start + n:
+                assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-3000:]
+                time.sleep(0.3)
+
+        deadline = time.monotonic() + 30
+        while True:
+            assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{prom_url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "Prometheus not ready after 30 s"
+            time.sleep(0.3)
+        wait_for_scrapes(2)  # samples before the workload, so rate() sees the counters grow
+        for i in range(4):
+            client.completions.create(model=MODEL, prompt=f"scrape {i}", max_tokens=12, temperature=0)
+            for _ in client.completions.create(model=MODEL, prompt=f"stream {i}", max_tokens=12, stream=True):
+                pass
+        time.sleep(1.5)  # the API process polls the worker's counters every second
+        wait_for_scrapes(3)
+        assert prometheus_api(prom_url, "query", query="up")[0]["value"][1] == "1"
+
+        values: dict[str, list[str]] = {}
+        for name, expr, label in dashboard_variables():
+            if label is None:
+                found = [str(r["metric"]) for r in prometheus_api(prom_url, "query", query=expr)]
+            else:
+                series = prometheus_api(prom_url, "series", **{"match[]": expr.replace("$model_name", MODEL)})
+                found = sorted({s[label] for s in series if label in s})
+            assert found, f"variable ${name}: {expr} has no values"
+            values[name] = found
+        assert values["model_name"] == [MODEL]
+
+        def substitute(expr: str) -> str:
+            for name, found in values.items():
+                expr = expr.replace(f"${{{name}}}", "|".join(found)).replace(f"${name}", "|".join(found))
+            return GRAFANA_INTERVALS.sub("1m", expr)
+
+        empty = []
+        for title, expr in dashboard_targets():
+            result = prometheus_api(prom_url, "query", query=substitute(expr))
+            if not any(math.isfinite(float(r["value"][1])) for r in result):
+                empty.append(f"{title}: {substitute(expr)} -> {result}")
+        assert not empty, "panels without data:\n" + "\n".join(empty)
+    finally:
+        prom.terminate()
+        prom.wait(30)
+
+
 def test_bad_checkpoint_exits_2_with_message_and_never_listens(tiny_ckpt: Path, tmp_path: Path):
     import shutil
 
@@ -297,7 +406,6 @@ def test_bad_checkpoint_exits_2_with_message_and_never_listens(tiny_ckpt: Path, 
 def test_plain_vllm_server_serves_a_checkpoint_through_hf_overrides(tiny_base: Path, tiny_ckpt: Path, tmp_path: Path):
     """README's "Plain vLLM" command: vLLM's own server, the plugin found through its entry point."""
     import json
-    import os
 
     from remix_serve.vllm_plugin import WORKER_EXTENSION, hf_overrides
 
@@ -351,9 +459,59 @@ def test_unsupported_base_architecture_exits_2(tiny_base: Path, tmp_path: Path):
     assert "base architectures ['PhiForCausalLM'] are not supported by remix-serve; supported:" in proc.stderr
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_ckpt: Path, tmp_path: Path):
-    srv = RemixServer(tiny_ckpt, "--shutdown-timeout", "30", log=tmp_path / "drain.log").wait_ready()
+def _catches_signal(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (SigCgt in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M)[1], 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
+def _pid_namespaces_work() -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    return subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _pid_namespaces_work(), reason="needs `unshare --pid` (root) to run remix-serve as PID 1")
+def test_sigterm_to_pid_1_during_startup_stops_it(tiny_ckpt: Path, tmp_path: Path):
+    """As a container's PID 1 (no --init) the kernel drops SIGTERM while no handler is installed, and vLLM installs
+    its own only once its server starts: remix-serve catches it from its first line, so a `docker stop` during
+    checkpoint checks or model load stops it at once (exit 143) instead of waiting to be killed."""
+    import signal
+
+    port = free_port()
+    log = tmp_path / "pid1.log"
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "remix_serve.server.cli",
+            "--adapter", str(tiny_ckpt), "--port", str(port), "--dtype", "float32"]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 30
+        server = None
+        while server is None or not _catches_signal(server, signal.SIGTERM):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            server = server or next((int(p) for p in children.read_text().split()), None)
+            time.sleep(0.01)
+        os.kill(server, signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert "vLLM" not in log.read_text()  # stopped before vLLM started
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_ckpt: Path, tmp_path: Path):
+    # This engine also checks --show-adapter-paths (an engine start costs about 25 s).
+    srv = RemixServer(tiny_ckpt, "--shutdown-timeout", "30", "--show-adapter-paths", log=tmp_path / "drain.log")
+    srv.wait_ready()
+    try:
+        adapter = httpx.get(f"{srv.url}/v1/remix/adapter").json()
+        assert adapter["checkpoint"] == str(tiny_ckpt.resolve())
+        assert Path(adapter["config"]["base_model"]).is_absolute()
         result: dict = {}
 
         def call() -> None:

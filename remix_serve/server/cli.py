@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
-
-from remix_serve import bases
-from remix_serve.checkpoint import CheckpointError, load_checkpoint
 
 EXIT_BAD_CHECKPOINT = 2
 DRAIN_SECONDS = 30  # SIGTERM: finish in-flight requests for up to this long (k8s grace period must exceed it)
@@ -35,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=2048, help="context length (default: %(default)s)")
     p.add_argument("--dtype", default="bfloat16", help="model dtype: bfloat16, float32, float16 (default: %(default)s)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor-parallel ranks (default: 1)")
+    p.add_argument(
+        "--show-adapter-paths",
+        action="store_true",
+        help="show the checkpoint's and base's paths on this server in /v1/remix/adapter and /v1/models "
+        "(default: folder names only)",
+    )
     p.add_argument(
         "--shutdown-timeout",
         type=int,
@@ -79,7 +83,19 @@ def vllm_argv(args: argparse.Namespace, base: Path, passthrough: list[str]) -> l
     return argv + passthrough
 
 
+def _stop_before_serving(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
+    # As a container's PID 1 (the entrypoint execs us; no --init) the kernel drops SIGTERM unless a handler is
+    # installed, so `docker stop` during checkpoint checks, base conversion or model load would wait for its
+    # timeout and then kill. Until vLLM installs its own handler (drain, then exit 0) there is nothing to drain:
+    # stop at once. Hence the imports below come after this line.
+    signal.signal(signal.SIGTERM, _stop_before_serving)
+    from remix_serve import bases
+    from remix_serve.checkpoint import CheckpointError, load_checkpoint
+
     args, passthrough = build_parser().parse_known_args(argv)
     try:
         ckpt = load_checkpoint(args.adapter)
@@ -91,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # The general plugin (model classes) and the endpoint plugin (routes, metrics) must both be allow-listed.
     os.environ["VLLM_PLUGINS"] = "remix_serve,remix_serve_endpoint"
+    # The endpoint plugin runs in this process and reads the one flag of ours that it needs from the environment.
+    from remix_serve.server.endpoint import SHOW_PATHS_ENV
+
+    os.environ[SHOW_PATHS_ENV] = "1" if args.show_adapter_paths else "0"
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
