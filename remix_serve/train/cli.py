@@ -1,4 +1,4 @@
-"""`remix-train`: command-line front end of `remix_serve.train.trainer.train`.
+"""`remix-train`: command-line front end of `remix_serve.train.loop.train`.
 
     remix-train --base smollm2-135m --data train.jsonl --eval-data eval.jsonl --out ./ckpt \
         --loras 8 --top-k 2 --rank 8 --samples 4
@@ -15,8 +15,8 @@ import signal
 import sys
 
 from remix_serve.checkpoint import PROJECTIONS, CheckpointError
+from remix_serve.train.args import TrainArgs
 from remix_serve.train.data import DataError
-from remix_serve.train.trainer import TrainArgs
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     fields = vars(ns)
     progress = not fields.pop("no_progress")
     args = TrainArgs(**fields, progress=progress, command=shlex.join(["remix-train", *argv]))
-    from remix_serve.train.trainer import train
+    from remix_serve.train.loop import train
 
     try:
         result = train(args)

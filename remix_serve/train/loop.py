@@ -18,77 +18,20 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
-from remix_serve import bases, routing
-from remix_serve.checkpoint import CONFIG_FILE, PROJECTIONS, RemixConfig, load_checkpoint
-from remix_serve.reference import (
-    apply_remix,
-    load_remix_tensors,
-    remix_mlps,
-    routing_mode,
-    save_model,
-    sequence_log_q,
-)
+from remix_serve import bases
+from remix_serve.checkpoint import CONFIG_FILE, RemixConfig, load_checkpoint
+from remix_serve.reference import apply_remix, load_remix_tensors, remix_mlps, save_model
 from remix_serve.train import report
-from remix_serve.train.data import IGNORE, Example, collate, load_jsonl
-from remix_serve.train.rloo import head_nll, model_nll, rloo_router_loss
-
-RouterKind = Literal["remix", "softmax", "lora"]
-
-
-@dataclass
-class TrainArgs:
-    """Everything a training run needs; the defaults finish on a laptop CPU in minutes."""
-
-    base: str  # bundled base name ("smollm2-135m") or a Hugging Face model folder
-    data: str  # JSONL training data
-    out: str  # checkpoint folder to write
-    eval_data: str | None = None  # JSONL held-out data (periodic eval loss, usage heatmap)
-    router: RouterKind = "remix"  # remix (RLOO) | softmax (MixLoRA-style baseline) | lora (n = k = 1)
-    loras: int = 8  # n, LoRAs per adapted layer
-    top_k: int = 2  # k, LoRAs selected per token
-    rank: int = 8  # r
-    samples: int = 4  # M, routed passes per example (remix only; >= 2)
-    alpha: float = 16.0
-    omega_rule: routing.OmegaRule = "lora"  # omega = alpha/(k r) ("lora") or alpha/sqrt(k r) ("rslora")
-    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
-    layers: list[int] | None = None  # adapted decoder layers; None = all
-    lr: float = 1e-3  # LoRA learning rate (AdamW)
-    router_lr: float | None = None  # router learning rate; None = lr
-    epochs: int = 1
-    max_steps: int | None = None  # overrides epochs; with resume, the total including earlier steps
-    batch_size: int = 4  # examples per micro-step (each runs M routed passes)
-    grad_accum: int = 1  # micro-steps per optimizer step
-    micro_batch: int = 0  # most sequences (examples x M) per forward; 0 = the whole batch in one forward
-    max_len: int = 256  # longer examples are reported as data errors, never truncated
-    seed: int = 0
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # adapter dtype in the checkpoint
-    warmup: int = 10  # linear warmup steps, then cosine decay to 10%
-    max_grad_norm: float = 1.0
-    eval_every: int = 0  # steps between eval losses; 0 = about 4 per run
-    log_every: int = 10  # steps between printed log lines; 0 = none
-    resume: str | None = None  # continue from this checkpoint (weights and step count; AdamW state restarts)
-    threads: int | None = None  # torch threads; None = the CPUs this process may use
-    progress: bool = True  # show a tqdm progress bar
-    command: str | None = None  # command line recorded in the model card
-
-
-@dataclass
-class EvalResult:
-    loss: float  # token-weighted mean NLL of the supervised tokens, deterministic top-k routing
-    tokens: int  # supervised tokens
-    usage: dict[int, list[int]]  # layer -> tokens routed to each LoRA (non-padding tokens)
-    weight_ess: float  # mean over tokens and layers of ESS of the k routing weights (k for constant weighting)
-
-    @property
-    def usage_ess(self) -> dict[int, float]:
-        return {layer: float(routing.ess(torch.tensor(c, dtype=torch.float64))) for layer, c in self.usage.items()}
+from remix_serve.train.args import TrainArgs, build_config
+from remix_serve.train.data import collate, load_jsonl
+from remix_serve.train.evaluate import evaluate, usage_stats
+from remix_serve.train.loss import batch_loss
 
 
 @dataclass
@@ -97,101 +40,6 @@ class TrainResult:
     config: RemixConfig
     steps: int
     stopped_by: str | None  # "SIGINT" / "SIGTERM" when a signal ended the run early
-
-
-def repeated_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, M: int) -> torch.Tensor:
-    """Final hidden states of every example repeated M times, `[B*M, T, D]` (rows b*M .. b*M+M-1 are example b).
-
-    The decoder layers before the first adapted one are frozen and see no routing, so all M copies of an example
-    compute the same thing there: those layers run once per example, and the rows are repeated just before the
-    first adapted layer. This is the loop of transformers' `LlamaModel.forward` (transformers 5.19, pinned),
-    split in two; other architectures (their masks differ) run the whole decoder on the repeated rows instead.
-    """
-    decoder = model.get_decoder()
-    if type(decoder).__name__ != "LlamaModel":
-        return decoder(
-            input_ids=input_ids.repeat_interleave(M, 0), attention_mask=attention_mask.repeat_interleave(M, 0)
-        )[0]
-    from transformers.masking_utils import create_causal_mask
-
-    first = min(remix_mlps(model))
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # [1, T]
-    h = decoder.embed_tokens(input_ids)  # [B, T, D]
-    rope = decoder.rotary_emb(h, position_ids=positions)
-    for i, layer in enumerate(decoder.layers):
-        if i == first:
-            h, attention_mask = h.repeat_interleave(M, 0), attention_mask.repeat_interleave(M, 0)  # [B*M, T, ...]
-        if i in (0, first):
-            mask = create_causal_mask(decoder.config, h, attention_mask, None, position_ids=positions)
-        h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=positions)
-    return decoder.norm(h)
-
-
-def routed_losses(
-    model: nn.Module, batch: dict[str, torch.Tensor], samples: int, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """M Gumbel-top-k routed passes of each example, as one forward over B*M sequences.
-
-    Returns (losses `[B, M]`: per-pass mean token NLL L_bm, log_q `[B, M]`: log Q of each pass's selection,
-    summed over adapted layers and non-padding tokens). Rows b*M .. b*M+M-1 of the forward are example b.
-    """
-    B, M = batch["input_ids"].shape[0], samples
-    with routing_mode(model, "sample", generator):
-        hidden = repeated_hidden(model, batch["input_ids"], batch["attention_mask"], M)  # [B*M, T, D]
-        log_q = sequence_log_q(model, batch["attention_mask"].repeat_interleave(M, 0)).view(B, M)
-    losses = head_nll(model, hidden, batch["labels"].repeat_interleave(M, 0)).view(B, M)
-    return losses, log_q
-
-
-def batch_loss(
-    model: nn.Module,
-    batch: dict[str, torch.Tensor],
-    router: RouterKind,
-    samples: int,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss of one batch `[B, T]`: returns (objective to backprop, mean NLL, router term), scalars.
-
-    remix: LoRAs get the pathwise gradient of mean_{b,m} L_bm through the sampled selections (the constant
-    weights carry no gradient to the routers), routers the RLOO surrogate. softmax / lora: one deterministic
-    top-k pass, plain backprop.
-    """
-    if router != "remix":
-        nll = model_nll(model, batch).mean()
-        return nll, nll, torch.zeros(())
-    losses, log_q = routed_losses(model, batch, samples, generator)
-    router_term = rloo_router_loss(losses, log_q)
-    nll = losses.mean()
-    return nll + router_term, nll, router_term
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> EvalResult:
-    """Eval loss and per-layer LoRA usage under deterministic top-k routing (what the served model computes)."""
-    was_training = model.training
-    model.eval()
-    mlps = remix_mlps(model)
-    usage = {layer: torch.zeros(m.num_loras, dtype=torch.long) for layer, m in mlps.items()}
-    nll_sum, n_tok, ess_sum, n_routed = 0.0, 0, 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id)
-        per_seq = model_nll(model, batch)  # [B], mean over each sequence's tokens
-        counts = (batch["labels"][:, 1:] != IGNORE).sum(-1)
-        nll_sum += float((per_seq.double() * counts).sum())  # .item()-style sync, once per eval batch
-        n_tok += int(counts.sum())
-        real = batch["attention_mask"].bool()  # [B, T]; padding tokens are routed but not counted
-        for layer, m in mlps.items():
-            w = m.last_weights[real]  # [tokens, n]
-            usage[layer] += (w > 0).sum(0)
-            ess_sum += float(routing.ess(w).sum())
-            n_routed += w.shape[0]
-    model.train(was_training)
-    return EvalResult(
-        loss=nll_sum / max(n_tok, 1),
-        tokens=n_tok,
-        usage={layer: c.tolist() for layer, c in usage.items()},
-        weight_ess=ess_sum / max(n_routed, 1),
-    )
 
 
 def batch_order(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -238,26 +86,6 @@ class StopSignals:
             signal.signal(sig, old)
 
 
-def build_config(args: TrainArgs, base_model: str, base_path: Path) -> RemixConfig:
-    """The checkpoint config implied by the arguments (`--router lora` forces n = k = 1)."""
-    n, k = (1, 1) if args.router == "lora" else (args.loras, args.top_k)
-    weighting: routing.Weighting = "softmax" if args.router == "softmax" else "constant"
-    return RemixConfig(
-        base_model=base_model,
-        base_fingerprint=bases.base_fingerprint(str(base_path)),
-        num_loras=n,
-        top_k=k,
-        rank=args.rank,
-        alpha=args.alpha,
-        omega_rule=args.omega_rule,
-        omega=routing.omega(args.alpha, k, args.rank, args.omega_rule, weighting),
-        target_modules=list(args.target_modules),
-        layers=sorted(args.layers) if args.layers is not None else None,
-        weighting=weighting,
-        dtype=args.dtype,
-    )
-
-
 def _cast_adapter(model: nn.Module, dtype: torch.dtype) -> None:
     """Store the adapter in the checkpoint dtype, so the final eval computes what a loaded checkpoint computes."""
     for m in remix_mlps(model).values():
@@ -265,17 +93,6 @@ def _cast_adapter(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
         for p in [*m.lora_A.values(), *m.lora_B.values()]:
             p.data = p.data.to(dtype)
-
-
-def _usage_stats(final: EvalResult, initial: EvalResult | None) -> dict:
-    """Per-layer usage counts and ESS, and the mean routing-weight ESS (now and before this run), for provenance."""
-    return {
-        "usage_data": "eval" if initial is not None else "train (first 64 examples; no --eval-data)",
-        "usage": {str(k): v for k, v in final.usage.items()},
-        "usage_ess": {str(k): round(v, 4) for k, v in final.usage_ess.items()},
-        "routing_weight_ess": round(final.weight_ess, 4),
-        "routing_weight_ess_initial": round(initial.weight_ess, 4) if initial else None,
-    }
 
 
 def train(args: TrainArgs) -> TrainResult:
@@ -417,7 +234,7 @@ def train(args: TrainArgs) -> TrainResult:
             "train_loss": round(sum(recent) / len(recent), 5) if recent else None,  # mean of the last 20 steps
             "eval_loss": final.loss if eval_examples else None,
             "eval_loss_initial": initial_eval.loss if initial_eval else None,
-            **_usage_stats(final, initial_eval),
+            **usage_stats(final, initial_eval),
             "tokens_this_run": tokens_seen,
             "wall_s_this_run": round(time.time() - t_start, 1),
             "resumed_from": str(args.resume) if args.resume else None,
