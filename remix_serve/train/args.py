@@ -9,6 +9,8 @@ from typing import Literal
 from remix_serve import bases, routing
 from remix_serve.checkpoint import PROJECTIONS, RemixConfig
 
+# Baselines are flag values, not separate trainers: "softmax" is MixLoRA-style (deterministic top-k with learned
+# renormalised weights, end to end by backprop), "lora" is plain LoRA (n = k = 1, no router).
 RouterKind = Literal["remix", "softmax", "lora"]
 
 
