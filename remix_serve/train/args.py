@@ -1,10 +1,10 @@
-"""remix-train's arguments (`TrainArgs`) and the checkpoint config they imply (`build_config`)."""
+"""remix-train's arguments (`TrainArgs`), its named presets, and the checkpoint config they imply (`build_config`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from remix_serve import bases, routing
 from remix_serve.checkpoint import PROJECTIONS, RemixConfig
@@ -49,6 +49,33 @@ class TrainArgs:
     threads: int | None = None  # torch threads; None = the CPUs this process may use
     progress: bool = True  # show a tqdm progress bar
     command: str | None = None  # command line recorded in the model card
+
+
+# Named argument sets for `remix-train --preset NAME`: TrainArgs field values (paths relative to the repository
+# root); flags given explicitly override them. "demo" is exactly the command that examples/demo-adapter's model card
+# records (tests/test_train_preset.py checks it field by field), without --out.
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {
+        "base": "smollm2-135m",
+        "data": "examples/data/train.jsonl",
+        "eval_data": "examples/data/eval.jsonl",
+        "loras": 8,
+        "top_k": 2,
+        "rank": 8,
+        "samples": 4,
+        "layers": list(range(22, 30)),
+        "target_modules": ["up_proj", "down_proj"],
+        "batch_size": 4,
+        "max_steps": 220,
+        "lr": 1e-3,
+        "dtype": "bfloat16",
+        "max_len": 128,
+        "eval_every": 55,
+        "log_every": 10,
+        "threads": 1,
+        "seed": 0,
+    },
+}
 
 
 def build_config(args: TrainArgs, base_model: str, base_path: Path) -> RemixConfig:
