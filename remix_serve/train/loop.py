@@ -131,6 +131,8 @@ def _resolve_start(args: TrainArgs) -> _Start:
 
 @dataclass
 class _Data:
+    """Tokenized training and eval examples, and the pad id that collates them."""
+
     pad_id: int
     train: list[Example]
     eval: list[Example] | None
