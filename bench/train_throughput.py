@@ -39,8 +39,7 @@ def main() -> None:
     from remix_serve.checkpoint import RemixConfig
     from remix_serve.train.cli import parse_layers, parse_targets
     from remix_serve.train.data import IGNORE
-    from remix_serve.train.rloo import rloo_router_loss
-    from remix_serve.train.trainer import routed_losses
+    from remix_serve.train.loss import rloo_router_loss, routed_losses
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--base", default="smollm2-135m")

@@ -1,6 +1,7 @@
 """Write the demo training set: short chat examples of six distinct skills, so routing has something to specialise on.
 
     python examples/make_data.py            # -> examples/data/train.jsonl, examples/data/eval.jsonl
+    remix-train --preset demo --out examples/demo-adapter   # train the demo adapter on them (its model card's command)
 
 Skills: arithmetic, capitals, reversing a word, upper-casing, English -> French words, tiny Python functions.
 All content is generated here from small tables (written for this project); a fixed seed makes it reproducible.

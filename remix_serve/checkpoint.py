@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from remix_serve import routing
+from remix_serve import bases, routing
+from remix_serve.bases import BaseFingerprint  # re-exported: the checkpoint stores one
 
 FORMAT = "remix/v1"
 CONFIG_FILE = "remix_config.json"
@@ -43,17 +44,6 @@ class CheckpointError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
-
-
-class BaseFingerprint(BaseModel):
-    """The base model's shape, stored in the checkpoint and checked at load."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    hidden_size: int = Field(description="Width D of the residual stream (router input width).")
-    num_hidden_layers: int = Field(description="Number of decoder layers.")
-    intermediate_size: int = Field(description="MLP width (out of gate/up, into down).")
-    vocab_size: int = Field(description="Vocabulary size.")
 
 
 class RemixConfig(BaseModel):
@@ -272,8 +262,6 @@ def fingerprint_problems(config: RemixConfig, actual: BaseFingerprint, where: st
 
 def check_base_model(config: RemixConfig, folder: Path) -> list[str]:
     """Problems with the checkpoint's base model: it must exist and have the stored fingerprint."""
-    from remix_serve import bases  # bases imports this module for BaseFingerprint
-
     try:
         actual = bases.base_fingerprint(config.base_model, relative_to=folder)
     except bases.BaseModelError as e:

@@ -10,7 +10,7 @@ import torch
 from remix_serve import checkpoint as ck
 from remix_serve import reference
 from remix_serve.train.data import IGNORE, collate, load_jsonl
-from remix_serve.train.rloo import sequence_nll
+from remix_serve.train.loss import sequence_nll
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -15,8 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from remix_serve import bases, reference, routing, tiny
 from remix_serve.train.data import IGNORE
-from remix_serve.train.rloo import rloo_router_loss, sequence_nll
-from remix_serve.train.trainer import batch_loss, routed_losses
+from remix_serve.train.loss import batch_loss, rloo_router_loss, routed_losses, sequence_nll
 
 N, K, LAYER, DRAWS = 4, 2, 1, 32768  # DRAWS: routed sequences per example (DRAWS / M estimates)
 TOKENS = torch.tensor([[5, 77, 140], [201, 9, 33]])  # [B=2, T=3]

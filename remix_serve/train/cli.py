@@ -1,7 +1,8 @@
-"""`remix-train`: command-line front end of `remix_serve.train.trainer.train`.
+"""`remix-train`: command-line front end of `remix_serve.train.loop.train`.
 
-    remix-train --base smollm2-135m --data train.jsonl --eval-data eval.jsonl --out ./ckpt \
+    remix-train --base smollm2-135m --data train.jsonl --eval-data eval.jsonl --out ./ckpt \\
         --loras 8 --top-k 2 --rank 8 --samples 4
+    remix-train --preset demo --out ./ckpt     # examples/demo-adapter's arguments (see --preset)
 
 Exit status: 0 when done; 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped training early,
 after the last finished step was written; 2 on bad arguments or data.
@@ -10,13 +11,15 @@ after the last finished step was written; 2 on bad arguments or data.
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 import signal
 import sys
+import textwrap
 
 from remix_serve.checkpoint import PROJECTIONS, CheckpointError
+from remix_serve.train.args import PRESETS, TrainArgs
 from remix_serve.train.data import DataError
-from remix_serve.train.trainer import TrainArgs
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -38,11 +41,31 @@ def parse_targets(text: str) -> list[str]:
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
+def preset_flags(name: str) -> str:
+    """A preset as the flags it stands for, for --help."""
+    flags = []
+    for key, value in PRESETS[name].items():
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        if key == "layers" and value and value == list(range(value[0], value[-1] + 1)):
+            text = f"{value[0]}-{value[-1]}"
+        flags.append(f"--{key.replace('_', '-')} {text}")
+    return " ".join(flags)
+
+
+def _preset_help() -> str:
+    lines = ["named argument set; explicit flags override its values", "(paths are relative to the repository root):"]
+    for name in sorted(PRESETS):
+        lines += textwrap.wrap(f"{name}: {preset_flags(name)}", 80, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """remix-train's flags; with `preset`, that preset's values are the defaults."""
     d = TrainArgs(base="", data="", out="")  # defaults live in one place: the dataclass
     p = argparse.ArgumentParser(prog="remix-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help=_preset_help())
     p.add_argument("--base", help="bundled base name (smollm2-135m) or a Hugging Face model folder")
-    p.add_argument("--data", required=True, help='JSONL: {"prompt","completion"} or {"messages": [...]} per line')
+    p.add_argument("--data", help='JSONL: {"prompt","completion"} or {"messages": [...]} per line')
     p.add_argument("--eval-data", help="held-out JSONL (periodic eval loss, usage heatmap)")
     p.add_argument("--out", required=True, help="checkpoint folder to write (replaced atomically)")
     p.add_argument("--router", choices=["remix", "softmax", "lora"], default=d.router,
@@ -74,18 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue from this checkpoint (its config wins over the flags above)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPUs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if preset is not None:
+        p.set_defaults(**copy.deepcopy(PRESETS[preset]))  # a copy: TrainArgs may hold on to the lists
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    ns = build_parser().parse_args(argv)
+def parse_args(argv: list[str]) -> TrainArgs:
+    """TrainArgs from a command line (without the program name); exits with status 2 on bad flags."""
+    preset = build_parser().parse_known_args(argv)[0].preset  # first pass: which preset supplies the defaults
+    parser = build_parser(preset)
+    ns = parser.parse_args(argv)
     if not ns.base and not ns.resume:
-        build_parser().error("--base is required (unless --resume)")
+        parser.error("--base is required (unless --resume or --preset gives it)")
+    if not ns.data:
+        parser.error("--data is required (unless --preset gives it)")
     fields = vars(ns)
+    del fields["preset"]
     progress = not fields.pop("no_progress")
-    args = TrainArgs(**fields, progress=progress, command=shlex.join(["remix-train", *argv]))
-    from remix_serve.train.trainer import train
+    return TrainArgs(**fields, progress=progress, command=shlex.join(["remix-train", *argv]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from remix_serve.train.loop import train
 
     try:
         result = train(args)

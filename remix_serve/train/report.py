@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import io
-from typing import TYPE_CHECKING
 
 from remix_serve.checkpoint import RemixConfig
-
-if TYPE_CHECKING:
-    from remix_serve.train.trainer import EvalResult, TrainArgs
+from remix_serve.train.args import TrainArgs
+from remix_serve.train.evaluate import EvalResult
 
 
 def routing_png(usage: dict[int, list[int]], usage_ess: dict[int, float], title: str) -> bytes:
