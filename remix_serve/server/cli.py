@@ -25,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any other flag is passed to vLLM, e.g. --max-num-seqs 64 or --kv-cache-memory-bytes 1073741824. "
         "Example: remix-serve --adapter ./ckpt --port 8000",
     )
-    p.add_argument("--adapter", required=True, help="ReMix checkpoint folder (remix_config.json + adapter.safetensors)")
+    from remix_serve.vllm_plugin.spec import RemixOverrides
+
+    checkpoint_help = RemixOverrides.model_fields["checkpoint"].description.split(";")[0]
+    p.add_argument("--adapter", required=True, help=checkpoint_help)
     p.add_argument("--name", help="served model name (default: the checkpoint folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")

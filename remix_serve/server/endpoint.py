@@ -5,7 +5,6 @@ Loaded in the API-server process only, when `VLLM_PLUGINS` names `remix_serve_en
 
 from __future__ import annotations
 
-import json
 import os
 from argparse import Namespace
 from pathlib import Path
@@ -16,6 +15,7 @@ from starlette.datastructures import State
 
 from remix_serve.checkpoint import load_config
 from remix_serve.server.metrics import RemixCollector, UsagePoller, register_collector
+from remix_serve.vllm_plugin.spec import RemixOverrides
 
 router = APIRouter()
 # Set by `remix-serve --show-adapter-paths`: the routes then show the server's file-system paths, not only names.
@@ -27,15 +27,6 @@ def shown_path(path: str, show_paths: bool) -> str:
     name says which checkpoint or base is served without telling clients how the server's disk is laid out).
     A bundled base's name has one component and so stays as it is."""
     return path if show_paths else Path(path).name
-
-
-def checkpoint_path(args: Namespace) -> str | None:
-    """The ReMix checkpoint named in the server's `--hf-overrides`, if any."""
-    overrides = args.hf_overrides
-    if isinstance(overrides, str):
-        overrides = json.loads(overrides)
-    remix = (overrides or {}).get("remix") if isinstance(overrides, dict) else None
-    return remix.get("checkpoint") if isinstance(remix, dict) else None
 
 
 @router.get("/v1/remix/adapter")
@@ -87,14 +78,14 @@ class RemixEndpoint:
         app.include_router(router)
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
-        path = checkpoint_path(args)
-        if engine_client is None or path is None:
+        spec = RemixOverrides.from_server_args(args.hf_overrides)
+        if engine_client is None or spec is None:
             raise RuntimeError("remix_serve_endpoint needs an engine serving a ReMix checkpoint (--hf-overrides)")
         names = args.served_model_name or [args.model]
         state.remix_model_name = names[0] if isinstance(names, list) else names
-        state.remix_checkpoint = path
+        state.remix_checkpoint = spec.checkpoint
         state.remix_show_paths = os.environ.get(SHOW_PATHS_ENV) == "1"
-        state.remix_config = load_config(path)
+        state.remix_config = load_config(spec.checkpoint)
         collector = RemixCollector(state.remix_model_name)
         register_collector(collector)
         state.remix_poller = UsagePoller(engine_client, collector)

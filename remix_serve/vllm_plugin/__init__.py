@@ -35,5 +35,8 @@ def remix_architecture(base_architectures: list[str]) -> str:
 
 
 def hf_overrides(checkpoint: str, base_architectures: list[str]) -> dict:
-    """The `hf_overrides` that make vLLM serve a base model with a ReMix checkpoint."""
-    return {"architectures": [remix_architecture(base_architectures)], "remix": {"checkpoint": checkpoint}}
+    """The `hf_overrides` that make vLLM serve a base model with a ReMix checkpoint (spec.RemixOverrides)."""
+    from remix_serve.vllm_plugin.spec import RemixOverrides
+
+    remix = RemixOverrides(checkpoint=checkpoint).model_dump()
+    return {"architectures": [remix_architecture(base_architectures)], "remix": remix}

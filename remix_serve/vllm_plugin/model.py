@@ -39,6 +39,7 @@ from remix_serve.checkpoint import (
     tensor_name,
 )
 from remix_serve.vllm_plugin import bank, counters, cpu_kernels
+from remix_serve.vllm_plugin.spec import RemixOverrides
 
 
 @cache
@@ -49,12 +50,7 @@ def _checkpoint(path: str) -> Checkpoint:
 
 def remix_checkpoint(vllm_config: VllmConfig) -> Checkpoint:
     """The validated checkpoint named by `hf_config.remix["checkpoint"]` (CheckpointError if it is bad)."""
-    spec = getattr(vllm_config.model_config.hf_config, "remix", None)
-    if not isinstance(spec, dict) or "checkpoint" not in spec:
-        raise ValueError(
-            f"RemixLlamaForCausalLM needs hf_overrides={{'remix': {{'checkpoint': '<folder>'}}}}; got remix={spec!r}"
-        )
-    return _checkpoint(str(spec["checkpoint"]))
+    return _checkpoint(RemixOverrides.from_hf_config(vllm_config.model_config.hf_config).checkpoint)
 
 
 class RemixMLP(LlamaMLP):
