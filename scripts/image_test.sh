@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU image for real (`make image-test`): build docker/Dockerfile.cpu with podman from a clean copy of HEAD,
-# run it on examples/demo-adapter as README's `docker run` line does, and check what a user relies on.
+# run it on examples/demo-adapter as the `docker run` line of README.md and docs/deployment.md does, and check
+# what a user relies on.
 #
 # Needs root and Debian (it apt-installs podman and friends when missing), no Docker daemon and no registry:
 # the base image python:3.11-slim-bookworm is replaced by a local stand-in built with debootstrap (Debian's
@@ -136,7 +137,7 @@ fi
 t_build=$(($(date +%s) - t_build))
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 
-# 5. Run it as README says: adapter read-only at /ckpt, port 8000 published, the image's own non-root user
+# 5. Run it as README.md and docs/deployment.md say: adapter read-only at /ckpt, port 8000 published, the image's own non-root user
 podman rm -f "$NAME" >/dev/null 2>&1 || true
 cleanup() { podman rm -f "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
