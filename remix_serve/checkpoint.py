@@ -1,4 +1,4 @@
-"""Checkpoint format remix/v1: the contract between remix-train and remix-serve (DESIGN.md).
+"""Checkpoint format remix/v1: the contract between remix-train and remix-serve (docs/checkpoint-format.md).
 
 A folder holding `remix_config.json` (the typed `RemixConfig` below) and `adapter.safetensors`. This module
 reads, writes (atomically) and validates it; it never unpickles anything. Validation collects every problem

@@ -74,7 +74,7 @@ class RemixMLP(nn.Module):
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Select LoRAs for every token of `x` ([..., D]); returns selection weights [..., n]."""
         if self.selection == "sample":
-            # The router input is detached: the RLOO term must reach the router P only (METHOD.md).
+            # The router input is detached: the RLOO term must reach the router P only (docs/method.md, "Training").
             logits = routing.router_logits(x.detach(), self.router)  # [..., n]
             ids = routing.gumbel_topk_ids(logits.detach(), self.top_k, self.generator)  # [..., k]
             self.last_log_q = routing.plackett_luce_log_prob(logits, ids)  # [...]

@@ -3,7 +3,7 @@
 Training (`train/`), the HF reference model (`reference.py`) and the vLLM plugin (`vllm_plugin/`) all call these
 functions; none re-implements them. Pure functions over tensors: no I/O, no module state, torch only.
 
-Notation (DESIGN.md / METHOD.md): T tokens (any leading dims are allowed where a docstring says `[..., n]`),
+Notation (docs/method.md): T tokens (any leading dims are allowed where a docstring says `[..., n]`),
 D the router input width, n LoRAs in a bank, k LoRAs selected per token, r the LoRA rank.
 """
 
@@ -20,7 +20,7 @@ Weighting = Literal["constant", "softmax"]
 
 
 def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    """Router logits `P x`, always in float32 (METHOD.md: q = softmax(P x) is computed in float32).
+    """Router logits `P x`, always in float32 (docs/method.md: q = softmax(P x) is computed in float32).
 
     Args:
         x: router input (the MLP input), `[..., D]`, any float dtype.
@@ -75,7 +75,7 @@ def gumbel_topk_ids(logits: torch.Tensor, k: int, generator: torch.Generator | N
 def plackett_luce_log_prob(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Log-probability of an ordered selection drawn without replacement from q = softmax(logits).
 
-    `log Q = sum_j [ log q_{i_j} - log(1 - sum_{j'<j} q_{i_j'}) ]` (METHOD.md, step 2), per token.
+    `log Q = sum_j [ log q_{i_j} - log(1 - sum_{j'<j} q_{i_j'}) ]` (docs/method.md, "Training", step 2), per token.
 
     Args:
         logits: `[..., n]` router logits (float32 is used inside).

@@ -154,8 +154,8 @@ def test_remix_checkpoints_get_slots_and_tokens_get_their_slot(
 
 
 def test_warmup_dummy_adapter_adds_and_reports_no_checkpoint(worker: LRUCacheWorkerLoRAManager) -> None:
-    # GPU warm-up adds dummy adapters, then activates them (MULTI_ADAPTER.md §2.2); with the anchor they are not
-    # empty, so vLLM's merge step does not raise StopIteration
+    # GPU warm-up adds dummy adapters, then activates them (docs/architecture.md, "Multi-checkpoint pool"); with the
+    # anchor they are not empty, so vLLM's merge step does not raise StopIteration
     warmup = request("warmup", 99, "/warmup")
     assert worker.add_dummy_lora(warmup, rank=1)
     worker.set_active_adapters({warmup}, LoRAMapping((99, 99), (99,), is_prefill=True))

@@ -1,4 +1,4 @@
-"""The HF reference model: base equivalence, the METHOD.md formula, modes, recording, round trip."""
+"""The HF reference model: base equivalence, the docs/method.md formula, modes, recording, round trip."""
 
 from __future__ import annotations
 

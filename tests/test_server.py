@@ -404,7 +404,7 @@ def test_bad_checkpoint_exits_2_with_message_and_never_listens(tiny_ckpt: Path, 
 
 
 def test_plain_vllm_server_serves_a_checkpoint_through_hf_overrides(tiny_base: Path, tiny_ckpt: Path, tmp_path: Path):
-    """README's "Plain vLLM" command: vLLM's own server, the plugin found through its entry point."""
+    """The "Plain vLLM" command of docs/serving.md: vLLM's own server, the plugin found through its entry point."""
     import json
 
     from remix_serve.vllm_plugin import WORKER_EXTENSION, hf_overrides

@@ -1,9 +1,9 @@
 """vLLM's Triton `fused_moe_lora`, pages as experts, equals the PyTorch bank delta of a paged ReMix pool.
 
-Issue 14 plans the GPU path of the multi-checkpoint pool on this op (`../shared/MULTI_ADAPTER.md` 3.3). Here it
-runs under `TRITON_INTERPRET=1` on CPU tensors (tests/triton_interpret.py, in a subprocess) on a pool holding
-three checkpoints of different n, k and r on scattered pages, plus base-model tokens, and is compared with the
-project's own math: `routing.topk_ids` and `bank.stack_bank`/`mask_blocks` per checkpoint, in float64.
+Issue 14 plans the GPU path of the multi-checkpoint pool on this op (`docs/architecture.md`, "Multi-checkpoint
+pool"). Here it runs under `TRITON_INTERPRET=1` on CPU tensors (tests/triton_interpret.py, in a subprocess) on a
+pool holding three checkpoints of different n, k and r on scattered pages, plus base-model tokens, and is compared
+with the project's own math: `routing.topk_ids` and `bank.stack_bank`/`mask_blocks` per checkpoint, in float64.
 float32 and float16 only: the interpreter's bfloat16 `tl.dot` is wrong, so a bf16 case would test the interpreter.
 The first two tests check that the harness really interprets.
 """

@@ -11,7 +11,8 @@ The fake driver reports itself inactive, so without the variable a launch still 
 Never use this outside tests: it edits Triton's backend table for the whole process, and vLLM must not have been
 imported yet. That is why `run()` starts a fresh Python (`python -m tests.triton_interpret module:function
 JSON`): other tests in the same pytest process import vLLM normally. bfloat16 `tl.dot` is wrong under the
-interpreter (errors of 1e10, `../shared/MULTI_ADAPTER.md` 3.4), so kernels are tested in float32 and float16.
+interpreter (errors of 1e10, `docs/development.md`, "Triton kernels on CPU"), so kernels are tested in float32
+and float16.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The training loss: per-example NLL of M routed passes, and the RLOO surrogate that trains the routers.
 
-Shapes: B examples, M selections per example (METHOD.md, "Training"); the M passes of an example are rows
+Shapes: B examples, M selections per example (docs/method.md, "Training"); the M passes of an example are rows
 `b*M .. b*M+M-1` of one forward over B*M sequences.
 """
 
@@ -95,7 +95,7 @@ def routed_losses(
 def rloo_router_loss(losses: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """RLOO surrogate for the routers: `mean_b 1/(M-1) sum_m stopgrad(L_bm - Lbar_b) * log Q_bm`.
 
-    Its gradient is the RLOO estimate of grad_P E[L] (METHOD.md). The leave-one-out baseline of pass m is the mean
+    Its gradient is the RLOO estimate of grad_P E[L] (docs/method.md). The leave-one-out baseline of pass m is the mean
     of the *other* M-1 passes; `L_m - mean_{j != m} L_j = M/(M-1) (L_m - Lbar)`, so averaging over m gives the
     1/(M-1) factor below. Centring on Lbar alone (the sample in its own baseline) would shrink the gradient by
     (M-1)/M: biased. The router input x is detached inside log Q (reference.RemixMLP.route), so this term

@@ -101,7 +101,7 @@ class RemixMLP(LlamaMLP):
             with torch.device("meta") if not self.dummy else contextlib.nullcontext():
                 return make(in_features, out_features, bias=bias, params_dtype=dtype, prefix=f"{prefix}.{name}")
 
-        # Routing is computed in float32 (METHOD.md); the router is tiny, a plain parameter is enough.
+        # Routing is computed in float32 (docs/method.md, "The layer"); the router is tiny, a plain parameter is enough.
         self.router = nn.Parameter(torch.empty(n, D, dtype=torch.float32), requires_grad=False)
         if self.gate_up_targets:
             m = len(self.gate_up_targets)

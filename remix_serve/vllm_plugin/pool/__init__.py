@@ -1,8 +1,9 @@
 """The adapter pool for serving many ReMix checkpoints on one base (issue 14): foundation only, not used yet.
 
 Today's serving holds one checkpoint, fused into the base weights (`vllm_plugin/model.py`); nothing here changes
-it. The design (../shared/MULTI_ADAPTER.md, written from the vLLM 0.32.0 source) carries each request's checkpoint
-on vLLM's own `LoRARequest` and keeps the checkpoints' LoRA banks in a pool of device pages that the model owns:
+it. The design (docs/architecture.md, "Multi-checkpoint pool", from the vLLM 0.32.0 source) carries each
+request's checkpoint on vLLM's own `LoRARequest` and keeps the checkpoints' LoRA banks in a pool of device pages
+that the model owns:
 
 - `pages.py`: which pages hold which LoRA's rank chunks, residency, LRU eviction to host, pins, the dense page
   table a kernel indexes. Pure Python, no torch, no vLLM, so all of it is tested without an engine.

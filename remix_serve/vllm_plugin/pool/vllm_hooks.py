@@ -1,6 +1,6 @@
 """The vLLM 0.32.0 surface of the adapter pool: ReMix folders as LoRA adapters, slot events, per-token slots.
 
-One checkpoint per request rides on vLLM's own `LoRARequest` (../shared/MULTI_ADAPTER.md, TL;DR 1-5 and §2.3):
+One checkpoint per request rides on vLLM's own `LoRARequest` (docs/architecture.md, "Multi-checkpoint pool"):
 
 - `install()` replaces `WorkerLoRAManager._load_adapter` (`vllm/lora/worker_manager.py:106`; the LRU worker
   manager inherits it) so that a folder holding `remix_config.json` loads as a `RemixLoRAModel`: the checkpoint,
