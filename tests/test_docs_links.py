@@ -125,6 +125,28 @@ def test_readme_is_a_front_page() -> None:
         assert f"docs/{page.name}" in text, f"README does not link docs/{page.name}"
 
 
+def test_shown_commands_name_what_exists() -> None:
+    """`make X` targets, `--preset X` presets and `bench/`/`scripts/` commands that the pages show exist, and
+    README's `docker run` lines are the ones docs/deployment.md documents."""
+    from remix_serve.train.args import PRESETS
+
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    deployment = (ROOT / "docs" / "deployment.md").read_text()
+    for page in PAGES:
+        text = page.read_text()
+        for target in re.findall(r"(?:^|`)make ([a-z][\w-]*)", text, flags=re.M):
+            assert target in targets, f"{page.name}: make {target} is no Makefile target"
+        for preset in re.findall(r"--preset ([a-z]\w*)", text):
+            assert preset in PRESETS, f"{page.name}: --preset {preset} is not in train.args.PRESETS"
+        for script in re.findall(r"\b((?:bench|scripts|examples)/[\w/]+\.(?:py|sh))\b", text):
+            assert (ROOT / script).is_file(), f"{page.name}: {script} does not exist"
+    readme = (ROOT / "README.md").read_text()
+    runs = re.findall(r"^docker run .*(?:\\\n.*)*", readme, flags=re.M)
+    assert len(runs) == 2
+    for run in runs:
+        assert run in deployment, f"README's docker run line differs from docs/deployment.md: {run}"
+
+
 def test_checker_catches_broken_links(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     (tmp_path / "other.md").write_text("# Other\n\n## A heading\n")
