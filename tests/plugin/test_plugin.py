@@ -13,6 +13,7 @@ import torch
 
 from remix_serve import reference, tiny
 from remix_serve.vllm_plugin import WORKER_EXTENSION, hf_overrides
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.engine
 
@@ -365,10 +366,11 @@ def test_compiled_pytorch_path_matches_reference(tiny_base: Path, tmp_path_facto
 @pytest.mark.parametrize("kernels", ["1", "0"])
 def test_vllm_compile_backend_forced_on_cpu_matches_reference(kernels, tiny_base: Path, tiny_ckpt: Path):
     """Mode 3 as GPU hosts run it (pieces split at attention, vLLM's passes), minus CUDA graphs and three CUDA-only
-    ops (tests/vllm_compile_on_cpu.py says which): the plugin's custom ops and counters inside vLLM's backend."""
+    ops (tests/helpers/vllm_compile_on_cpu.py says which): the plugin's custom ops and counters inside vLLM's
+    backend."""
     env = {**os.environ, "REMIX_CPU_KERNELS": kernels}
-    cmd = [sys.executable, "-m", "tests.vllm_compile_on_cpu", str(tiny_base), str(tiny_ckpt)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
+    cmd = [sys.executable, "-m", "tests.helpers.vllm_compile_on_cpu", str(tiny_base), str(tiny_ckpt)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(lines[0][len("RESULT ") :])

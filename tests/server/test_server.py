@@ -19,13 +19,13 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from remix_serve import reference
-from tests.server_utils import RemixServer, free_port
-from tests.test_deploy import (
+from tests.helpers.dashboard import (
     dashboard_metric_names,
     dashboard_targets,
     dashboard_variables,
     exported_metric_names,
 )
+from tests.helpers.server import RemixServer, free_port
 
 pytestmark = pytest.mark.engine
 KEY = "test-key"
