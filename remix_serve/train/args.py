@@ -53,7 +53,7 @@ class TrainArgs:
 
 # Named argument sets for `remix-train --preset NAME`: TrainArgs field values (paths relative to the repository
 # root); flags given explicitly override them. "demo" is exactly the command that examples/demo-adapter's model card
-# records (tests/test_train_preset.py checks it field by field), without --out.
+# records (tests/train/test_train_preset.py checks it field by field), without --out.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "base": "smollm2-135m",

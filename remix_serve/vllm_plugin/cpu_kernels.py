@@ -5,7 +5,7 @@ On a small CPU each extra PyTorch op between two GEMMs costs 10-20 us, far more 
 `route` does routing in one op, `masked_concat` builds a fused GEMM's input from a dense shrink GEMM's output, and
 `shrink_concat` builds it with the shrink of each token's k selected LoRAs computed in place (decode-sized batches,
 up to GATHER_MAX_TOKENS); `silu_mul_shrink_concat` does the same for the down projection straight from the gate/up
-GEMM's output, SiLU-and-mul included. Each gives the results of `routing` and `bank` (tests/test_cpu_kernels.py),
+GEMM's output, SiLU-and-mul included. Each gives the results of `routing` and `bank` (tests/plugin/test_cpu_kernels.py),
 the last also of SiLU-and-mul in float32. The build
 (about 30 s, needs a C++ compiler with OpenMP and ninja) is cached under `TORCH_EXTENSIONS_DIR` (default
 ~/.cache/torch_extensions); `scripts/install.sh` and the CPU image run it at install time, and a build folder this

@@ -5,7 +5,7 @@
 // building a fused GEMM's input `[x | masked shrink]`: from a dense shrink's output (masked_concat, prefill) or
 // with the shrink of the selected LoRAs computed in place (shrink_concat, decode; for the down projection with
 // LlamaMLP's SiLU-and-mul computed in the same pass). remix_serve/routing.py and bank.py define the math;
-// tests/test_cpu_kernels.py checks these kernels against them, ties included.
+// tests/plugin/test_cpu_kernels.py checks these kernels against them, ties included.
 #include <torch/extension.h>
 
 #include <ATen/EmptyTensor.h>

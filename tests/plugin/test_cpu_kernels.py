@@ -10,10 +10,14 @@ import torch
 
 from remix_serve import routing
 from remix_serve.vllm_plugin import bank, cpu_kernels
+from tests.helpers.variants import variant
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ toolchain to build the CPU kernels")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Bank shapes (n, k, r) from the variant table (tests/helpers/variants.py), each beside the token count T, the input
+# width D and the number of banks side by side that the kernel test feeds it (data shapes, not checkpoint fields).
+N8_K2_R8, N4_K3_R3, N2_K1_R5 = variant("n8-k2-r8"), variant("n4-k3-r3"), variant("n2-k1-r5")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -77,9 +81,12 @@ def routed_weights(x: torch.Tensor, n: int, k: int, weighting: str, seed: int) -
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weighting", ["constant", "softmax"])
 @pytest.mark.parametrize(
-    ("T", "D", "n", "k", "r", "banks"), [(32, 576, 8, 2, 8, 2), (5, 130, 4, 3, 3, 1), (1, 40, 2, 1, 5, 3)]
+    ("T", "D", "case", "banks"),
+    [(32, 576, N8_K2_R8, 2), (5, 130, N4_K3_R3, 1), (1, 40, N2_K1_R5, 3)],
+    ids=["T32-D576-n8-k2-r8-banks2", "T5-D130-n4-k3-r3-banks1", "T1-D40-n2-k1-r5-banks3"],
 )
-def test_shrink_concat_equals_dense_shrink_then_masked_concat(dtype, weighting, T, D, n, k, r, banks):
+def test_shrink_concat_equals_dense_shrink_then_masked_concat(dtype, weighting, T, D, case, banks):
+    n, k, r = case.num_loras, case.top_k, case.rank
     g = torch.Generator().manual_seed(T * D)
     x = torch.randn(T, D, generator=g).to(dtype)
     bank_A = (torch.randn(banks * n * r, D, generator=g) * 0.1).to(dtype)
@@ -106,8 +113,11 @@ def test_shrink_concat_is_batch_invariant():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("T", "inter", "n", "k", "r"), [(32, 1536, 8, 2, 8), (3, 37, 4, 3, 3)])
-def test_silu_mul_shrink_concat_equals_silu_and_mul_then_shrink_concat(dtype, T, inter, n, k, r):
+@pytest.mark.parametrize(
+    ("T", "inter", "case"), [(32, 1536, N8_K2_R8), (3, 37, N4_K3_R3)], ids=["T32-I1536-n8-k2-r8", "T3-I37-n4-k3-r3"]
+)
+def test_silu_mul_shrink_concat_equals_silu_and_mul_then_shrink_concat(dtype, T, inter, case):
+    n, k, r = case.num_loras, case.top_k, case.rank
     g = torch.Generator().manual_seed(T * inter)
     gate_up = (torch.randn(T, 2 * inter, generator=g) * 4).to(dtype)
     gate_up[0, :4] = torch.tensor([-120.0, -30.0, 30.0, 0.0])  # exp(-gate) overflows, underflows; silu(0) = 0

@@ -19,19 +19,22 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from remix_serve import reference
-from tests.server_utils import RemixServer, free_port
-from tests.test_deploy import (
+from tests.helpers.dashboard import (
     dashboard_metric_names,
     dashboard_targets,
     dashboard_variables,
     exported_metric_names,
 )
+from tests.helpers.server import RemixServer, free_port
+from tests.helpers.variants import DEFAULT
 
 pytestmark = pytest.mark.engine
 KEY = "test-key"
 MODEL = "remix-tiny"
 
 
+# The server parity tests run `tiny_ckpt`, the `default` row of tests/helpers/variants.py: one server (an engine
+# start, about 25 s on 2 cores) per module; the other variants reach an engine in tests/plugin/test_plugin.py.
 @pytest.fixture(scope="module")
 def server(tiny_ckpt: Path, tmp_path_factory):
     srv = RemixServer(tiny_ckpt, "--api-key", KEY, log=tmp_path_factory.mktemp("log") / "server.log")
@@ -93,9 +96,9 @@ def wait_for_routed(server, expected: float, timeout: float = 15) -> tuple[dict,
 def test_models_lists_the_adapter_with_n_k_r(client):
     (card,) = client.models.list().data
     assert card.id == MODEL
-    assert card.model_extra["remix"]["num_loras"] == 4
-    assert card.model_extra["remix"]["top_k"] == 2
-    assert card.model_extra["remix"]["rank"] == 4
+    assert card.model_extra["remix"]["num_loras"] == DEFAULT.num_loras == 4
+    assert card.model_extra["remix"]["top_k"] == DEFAULT.top_k == 2
+    assert card.model_extra["remix"]["rank"] == DEFAULT.rank == 4
 
 
 def test_completion_matches_reference_greedy_and_counts_usage(client, oracle):
@@ -445,14 +448,12 @@ def test_unsupported_base_architecture_exits_2(tiny_base: Path, tmp_path: Path):
     import json
     import shutil
 
-    from remix_serve import tiny
-
     base = tmp_path / "phi"
     shutil.copytree(tiny_base, base)
     cfg = json.loads((base / "config.json").read_text())
     cfg["architectures"] = ["PhiForCausalLM"]
     (base / "config.json").write_text(json.dumps(cfg))
-    ckpt = tiny.build_tiny_checkpoint(tmp_path / "ckpt", base)
+    ckpt = DEFAULT.build(tmp_path / "ckpt", base)
     proc = subprocess.run([sys.executable, "-m", "remix_serve.server.cli", "--adapter", str(ckpt)],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]

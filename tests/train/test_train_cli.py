@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from remix_serve import checkpoint as ck
-from tests.train_task import write_task
+from tests.helpers.train_task import write_task
 
 
 def test_sigterm_mid_training_writes_a_valid_checkpoint(tiny_base: Path, tmp_path: Path):

@@ -3,15 +3,14 @@ runs, on a free port), asked through the official openai client."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import openai
 import pytest
 
-from tests.server_utils import RemixServer
+from tests.helpers import ROOT
+from tests.helpers.server import RemixServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo-adapter"
+DEMO = ROOT / "examples" / "demo-adapter"
 
 
 @pytest.fixture(scope="module")

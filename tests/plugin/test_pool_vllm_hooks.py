@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from remix_serve import tiny
 from remix_serve.checkpoint import ADAPTER_FILE, CheckpointError, load_checkpoint, tensor_name
 
 vllm = pytest.importorskip("vllm")
@@ -38,6 +37,7 @@ from remix_serve.vllm_plugin.pool.vllm_hooks import (  # noqa: E402
     add_anchor,
     token_slots,
 )
+from tests.helpers.variants import variant  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -92,17 +92,10 @@ def worker(vllm_config: VllmConfig) -> LRUCacheWorkerLoRAManager:
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Three ReMix checkpoints that differ in n, k, r, layers and targets."""
+    """Three ReMix checkpoints that differ in n, k, r, layers and targets (rows of tests/helpers/variants.py)."""
     root = tmp_path_factory.mktemp("pool-ckpts")
-    variants = {
-        "a": dict(num_loras=4, top_k=2, rank=4),
-        "b": dict(num_loras=6, top_k=3, rank=2, layers=[1], target_modules=("up_proj", "down_proj")),
-        "c": dict(num_loras=2, top_k=1, rank=8, target_modules=("gate_proj",)),
-    }
-    return {
-        name: tiny.build_tiny_checkpoint(root / name, tiny_base, seed=i, **kwargs)
-        for i, (name, kwargs) in enumerate(variants.items())
-    }
+    pool = {"a": variant("default"), "b": variant("n6-k3-r2"), "c": variant("n2-k1-r8-gate")}
+    return {name: case.build(root / name, tiny_base, seed=i) for i, (name, case) in enumerate(pool.items())}
 
 
 def request(name: str, lora_id: int, path: Path | str) -> LoRARequest:
@@ -193,7 +186,7 @@ def test_peft_folders_still_go_to_vllms_loader(worker: LRUCacheWorkerLoRAManager
 def test_a_broken_remix_checkpoint_reports_every_defect(
     worker: LRUCacheWorkerLoRAManager, tiny_base: Path, tmp_path: Path
 ) -> None:
-    folder = tiny.build_tiny_checkpoint(tmp_path / "broken", tiny_base, seed=3)
+    folder = variant("default").build(tmp_path / "broken", tiny_base, seed=3)
     tensors = load_file(str(folder / ADAPTER_FILE))
     del tensors[tensor_name(0, "up_proj", "lora_A")]
     tensors[tensor_name(1, "down_proj", "lora_B")] = tensors[tensor_name(1, "down_proj", "lora_B")][:, :, :2]

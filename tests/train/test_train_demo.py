@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,8 +9,9 @@ from remix_serve import checkpoint as ck
 from remix_serve import reference
 from remix_serve.train.data import IGNORE, collate, load_jsonl
 from remix_serve.train.loss import sequence_nll
+from tests.helpers import ROOT
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.mark.integration

@@ -13,8 +13,19 @@ import torch
 
 from remix_serve import reference, tiny
 from remix_serve.vllm_plugin import WORKER_EXTENSION, hf_overrides
+from tests.helpers import ROOT
+from tests.helpers.variants import Variant, variant
 
 pytestmark = pytest.mark.engine
+
+# The variants of tests/helpers/variants.py that the engine tests run. Each engine start costs about 25 s on 2 cores,
+# so not the whole table (tests/reference/test_reference.py checks every variant against the formula): `default` is
+# `tiny_ckpt` (the module's engines, the compiled engine, tensor parallel), and each other one adds a path an engine
+# takes: softmax weighting on one layer and two projections through the PyTorch path (eager), gate and down on
+# layer 0 for the Mistral and Qwen2 bases, n=6 and k=3 with softmax through the compiled PyTorch path.
+ENGINE_VARIANTS = {
+    name: variant(name) for name in ("default", "softmax-up-down-layer1", "gate-down-layer0", "softmax-n6-k3")
+}
 
 PROMPTS = [
     "Hello world",
@@ -144,14 +155,7 @@ def test_per_token_routing_agrees_with_reference(tiny_llm, tiny_ckpt: Path):
 def test_softmax_checkpoint_matches_reference(tiny_base: Path, tmp_path_factory, monkeypatch: pytest.MonkeyPatch):
     """Also the PyTorch path that CUDA hosts run: the fused CPU kernels are switched off for this engine."""
     monkeypatch.setenv("REMIX_CPU_KERNELS", "0")
-    ckpt = tiny.build_tiny_checkpoint(
-        tmp_path_factory.mktemp("sm") / "sm",
-        tiny_base,
-        weighting="softmax",
-        seed=5,
-        layers=[1],
-        target_modules=("up_proj", "down_proj"),
-    )
+    ckpt = ENGINE_VARIANTS["softmax-up-down-layer1"].build(tmp_path_factory.mktemp("sm") / "sm", tiny_base, seed=5)
     llm = make_llm(tiny_base, ckpt)
     try:
         model, _ = reference.load_model(ckpt)
@@ -170,7 +174,7 @@ def test_tensor_parallel_2_matches_reference(tmp_path_factory, monkeypatch: pyte
 
     folder = tmp_path_factory.mktemp("tp")
     base = tiny.build_tiny_base(folder / "base", seed=6, mlp_bias=True)
-    ckpt = tiny.build_tiny_checkpoint(folder / "ckpt", base, seed=7)
+    ckpt = ENGINE_VARIANTS["default"].build(folder / "ckpt", base, seed=7)
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # two ranks on a 2-core host: no core pinning
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -203,9 +207,7 @@ def test_tensor_parallel_2_matches_reference(tmp_path_factory, monkeypatch: pyte
 def test_mistral_and_qwen2_bases_match_reference(arch, tmp_path_factory):
     folder = tmp_path_factory.mktemp(arch)
     base = tiny.build_tiny_base(folder / "base", arch=arch, seed=3)
-    ckpt = tiny.build_tiny_checkpoint(
-        folder / "ckpt", base, seed=4, layers=[0], target_modules=("gate_proj", "down_proj")
-    )
+    ckpt = ENGINE_VARIANTS["gate-down-layer0"].build(folder / "ckpt", base, seed=4)
     llm = make_llm(base, ckpt)
     try:
         model, _ = reference.load_model(ckpt)
@@ -298,7 +300,8 @@ def mixed_workload() -> tuple[list, list]:
     return prompts, [greedy(3 + (i * 7) % 22, logprobs=0) for i in range(len(prompts))]
 
 
-def assert_compiled_engine_matches_reference(llm, ckpt: Path, num_loras: int, top_k: int) -> None:
+def assert_compiled_engine_matches_reference(llm, ckpt: Path, case: Variant) -> None:
+    """`ckpt` is a checkpoint of the variant `case`."""
     model, _ = reference.load_model(ckpt)
     llm.collective_rpc("remix_reset_counts")
     prompts, params = mixed_workload()
@@ -311,9 +314,9 @@ def assert_compiled_engine_matches_reference(llm, ckpt: Path, num_loras: int, to
     expected_tokens = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs)
     (counts,) = llm.collective_rpc("remix_counts")
     for layer, acts, routed in zip(counts["layers"], counts["activations"], counts["routed"], strict=True):
-        assert len(acts) == num_loras
+        assert len(acts) == case.num_loras
         assert routed == expected_tokens, layer
-        assert sum(acts) == top_k * expected_tokens, layer
+        assert sum(acts) == case.top_k * expected_tokens, layer
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +338,7 @@ def test_compiled_engine_compiles_once_and_counts_nothing_while_warming_up(compi
 @pytest.mark.compiled
 def test_compiled_engine_matches_reference_and_counts_a_mixed_workload(compiled_llm, tiny_ckpt: Path):
     """Fused CPU kernels through their custom ops; routing counted by the graph, never a padding row."""
-    assert_compiled_engine_matches_reference(compiled_llm, tiny_ckpt, num_loras=4, top_k=2)
+    assert_compiled_engine_matches_reference(compiled_llm, tiny_ckpt, ENGINE_VARIANTS["default"])
 
 
 @pytest.mark.compiled
@@ -348,15 +351,13 @@ def test_routing_records_need_an_eager_engine(compiled_llm):
 def test_compiled_pytorch_path_matches_reference(tiny_base: Path, tmp_path_factory, monkeypatch: pytest.MonkeyPatch):
     """The path CUDA hosts compile (no CPU kernels), on a softmax checkpoint with one layer and two projections."""
     monkeypatch.setenv("REMIX_CPU_KERNELS", "0")
-    ckpt = tiny.build_tiny_checkpoint(
-        tmp_path_factory.mktemp("csm") / "csm", tiny_base, weighting="softmax", seed=8, layers=[1],
-        target_modules=("up_proj", "down_proj"), num_loras=6, top_k=3,
-    )  # fmt: skip
+    case = ENGINE_VARIANTS["softmax-n6-k3"]
+    ckpt = case.build(tmp_path_factory.mktemp("csm") / "csm", tiny_base, seed=8)
     llm = compiled_engine(tiny_base, ckpt)
     try:
         (stats,) = llm.collective_rpc("remix_compilation")
         assert stats["compiled_modules"] > 0, stats
-        assert_compiled_engine_matches_reference(llm, ckpt, num_loras=6, top_k=3)
+        assert_compiled_engine_matches_reference(llm, ckpt, case)
     finally:
         llm.llm_engine.engine_core.shutdown()
 
@@ -365,10 +366,11 @@ def test_compiled_pytorch_path_matches_reference(tiny_base: Path, tmp_path_facto
 @pytest.mark.parametrize("kernels", ["1", "0"])
 def test_vllm_compile_backend_forced_on_cpu_matches_reference(kernels, tiny_base: Path, tiny_ckpt: Path):
     """Mode 3 as GPU hosts run it (pieces split at attention, vLLM's passes), minus CUDA graphs and three CUDA-only
-    ops (tests/vllm_compile_on_cpu.py says which): the plugin's custom ops and counters inside vLLM's backend."""
+    ops (tests/helpers/vllm_compile_on_cpu.py says which): the plugin's custom ops and counters inside vLLM's
+    backend."""
     env = {**os.environ, "REMIX_CPU_KERNELS": kernels}
-    cmd = [sys.executable, "-m", "tests.vllm_compile_on_cpu", str(tiny_base), str(tiny_ckpt)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
+    cmd = [sys.executable, "-m", "tests.helpers.vllm_compile_on_cpu", str(tiny_base), str(tiny_ckpt)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(lines[0][len("RESULT ") :])
@@ -392,6 +394,6 @@ def test_cuda_graphs_replay_matches_reference_and_counts(tiny_base: Path, tiny_c
     try:
         (stats,) = llm.collective_rpc("remix_compilation")
         assert stats["mode"] == 3 and stats["num_cudagraph_captured"] > 0, stats
-        assert_compiled_engine_matches_reference(llm, tiny_ckpt, num_loras=4, top_k=2)
+        assert_compiled_engine_matches_reference(llm, tiny_ckpt, ENGINE_VARIANTS["default"])
     finally:
         llm.llm_engine.engine_core.shutdown()

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from remix_serve import checkpoint as ck
-from remix_serve import reference, tiny
+from remix_serve import reference
+from tests.helpers.variants import VARIANTS, Variant, variant
 
 
 def _base(tiny_base: Path):
@@ -37,33 +38,48 @@ def test_fresh_bank_is_a_no_op(tiny_base: Path, tiny_ckpt: Path):
         assert torch.equal(reference.apply_remix(_base(tiny_base), config)(x).logits, _base(tiny_base)(x).logits)
 
 
-def test_one_token_mlp_output_matches_method_formula(tiny_base: Path, tiny_ckpt: Path):
-    """y = W z + omega * sum_{i in I} B_i A_i z on every projection, I = top-k of P x, computed by hand."""
-    loaded = ck.load_checkpoint(tiny_ckpt)
+def test_one_token_mlp_output_matches_method_formula(tiny_base: Path, tmp_path: Path):
+    """y = W z + omega * sum_{i in I} w_i B_i A_i z on every adapted projection, I = top-k of P x, by hand, for
+    every variant of tests/helpers/variants.py (w_i = 1 for constant weighting, q_i renormalised over I for softmax).
+    The `default` variant with seed 1 is `tiny_ckpt`; a new row of the table is checked here at once."""
+    for case in VARIANTS:
+        _check_method_formula(tiny_base, case.build(tmp_path / case.name, tiny_base, seed=1), case)
+
+
+def _check_method_formula(tiny_base: Path, folder: Path, case: Variant) -> None:
+    loaded = ck.load_checkpoint(folder)
     cfg = loaded.config
     t = {name: v.double() for name, v in loaded.tensors.items()}
     # float64 on both sides, so the comparison checks the formula, not float32 rounding
     model = reference.apply_remix(_base(tiny_base), cfg, loaded.tensors).double()
-    mlp = reference.remix_mlps(model)[1]
+    layer = case.adapted_layers()[-1]
+    mlp = reference.remix_mlps(model)[layer]
     base = mlp.base_mlp
     x = torch.randn(128, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
-    P = t["layers.1.router.weight"]
+    P = t[f"layers.{layer}.router.weight"]
     scores = [float(P[i] @ x) for i in range(cfg.num_loras)]
     chosen = sorted(range(cfg.num_loras), key=lambda i: (-scores[i], i))[: cfg.top_k]
+    if cfg.weighting == "softmax":  # q = softmax(P x) in float32 (METHOD.md), renormalised over I, in float32 too
+        q = torch.softmax(P.float() @ x.float(), dim=0)[chosen]
+        weights = dict(zip(chosen, (q / q.sum()).double().tolist(), strict=True))
+    else:
+        weights = dict.fromkeys(chosen, 1.0)
 
     def proj(name: str, z: torch.Tensor) -> torch.Tensor:
         y = getattr(base, name).weight @ z
+        if name not in cfg.target_modules:
+            return y
         for i in chosen:
-            A, B = t[f"layers.1.mlp.{name}.lora_A"][i], t[f"layers.1.mlp.{name}.lora_B"][i]
-            y = y + cfg.omega * (B @ (A @ z))
+            A, B = t[f"layers.{layer}.mlp.{name}.lora_A"][i], t[f"layers.{layer}.mlp.{name}.lora_B"][i]
+            y = y + cfg.omega * weights[i] * (B @ (A @ z))
         return y
 
     h = torch.nn.functional.silu(proj("gate_proj", x)) * proj("up_proj", x)
     expected = proj("down_proj", h)
     with torch.no_grad():
         got = mlp(x[None, None, :])[0, 0]
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"variant {case.name}: {m}")
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tiny_ckpt: Path, tmp_path: Path):
@@ -130,7 +146,7 @@ def test_sampled_selections_vary_and_topk_is_deterministic(tiny_ckpt: Path):
 
 
 def test_softmax_weighting_uses_renormalised_router_weights(tiny_base: Path, tmp_path: Path):
-    folder = tiny.build_tiny_checkpoint(tmp_path / "sm", tiny_base, weighting="softmax", seed=2)
+    folder = variant("softmax").build(tmp_path / "sm", tiny_base, seed=2)
     model, _ = reference.load_model(folder)
     x = _input()
     with torch.no_grad():
@@ -143,7 +159,7 @@ def test_softmax_weighting_uses_renormalised_router_weights(tiny_base: Path, tmp
 
 
 def test_subset_of_layers_and_projections(tiny_base: Path, tmp_path: Path):
-    folder = tiny.build_tiny_checkpoint(tmp_path / "sub", tiny_base, layers=[1], target_modules=("up_proj",))
+    folder = variant("up-layer1").build(tmp_path / "sub", tiny_base)
     model, _ = reference.load_model(folder)
     assert list(reference.remix_mlps(model)) == [1]
     assert list(reference.remix_mlps(model)[1].lora_A) == ["up_proj"]

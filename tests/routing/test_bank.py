@@ -3,7 +3,7 @@
 The plugin loads B of gate/up through ColumnParallelLinear (rows split across ranks) and A of down through
 RowParallelLinear (columns split, partial sums added before vLLM's all-reduce); these tests split the stacked bank
 the same way, for more ranks than a 2-core host can run, and compare with the unsharded result. A real two-rank
-engine is tested in test_plugin.py.
+engine is tested in tests/plugin/test_plugin.py.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from remix_serve import checkpoint as ck
-from remix_serve import tiny
+from tests.helpers.variants import DEFAULT
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def test_all_problems_are_reported_together(ckpt_copy: Path):
 
 def test_relative_base_path_resolves_against_checkpoint(tiny_base: Path, tmp_path: Path):
     shutil.copytree(tiny_base, tmp_path / "base")
-    folder = tiny.build_tiny_checkpoint(tmp_path / "ckpt", tmp_path / "base")
+    folder = DEFAULT.build(tmp_path / "ckpt", tmp_path / "base")
     _edit_config(folder, base_model="../base")
     assert ck.load_checkpoint(folder).config.base_model == "../base"
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+from tests.helpers import ROOT
+
+SCRIPT = ROOT / "bench" / "gpu_check.py"
 
 
 def load_gpu_check():

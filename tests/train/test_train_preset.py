@@ -5,15 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-from pathlib import Path
 
 import pytest
 
 from remix_serve.checkpoint import load_config
 from remix_serve.train.args import PRESETS, TrainArgs
 from remix_serve.train.cli import build_parser, parse_args
+from tests.helpers import ROOT
 
-DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo-adapter"
+DEMO = ROOT / "examples" / "demo-adapter"
 
 
 def _recorded_argv() -> list[str]:
