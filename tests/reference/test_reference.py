@@ -60,7 +60,7 @@ def _check_method_formula(tiny_base: Path, folder: Path, case: Variant) -> None:
     P = t[f"layers.{layer}.router.weight"]
     scores = [float(P[i] @ x) for i in range(cfg.num_loras)]
     chosen = sorted(range(cfg.num_loras), key=lambda i: (-scores[i], i))[: cfg.top_k]
-    if cfg.weighting == "softmax":  # q = softmax(P x) in float32 (METHOD.md), renormalised over I, in float32 too
+    if cfg.weighting == "softmax":  # q = softmax(P x) in float32 (docs/method.md), renormalised over I, in float32 too
         q = torch.softmax(P.float() @ x.float(), dim=0)[chosen]
         weights = dict(zip(chosen, (q / q.sum()).double().tolist(), strict=True))
     else:
