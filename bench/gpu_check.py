@@ -112,6 +112,13 @@ def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+def top2_margin(model, ids: list[int]) -> float:
+    """The reference's logit gap between its top two next tokens: a near-tie explains a greedy divergence."""
+    with torch.no_grad():
+        top = model(torch.tensor([ids], device=model.device)).logits[0, -1].float().topk(2).values
+    return float(top[0] - top[1])
+
+
 def token_logprobs(model, prompt: list[int], generated: list[int]) -> torch.Tensor:
     """The reference's log-probability of each generated token, teacher-forced on vLLM's tokens."""
     ids = torch.tensor([prompt + generated], device=model.device)
@@ -162,9 +169,19 @@ def check_parity_and_counters(llm, ckpt: Path) -> None:
     model, _ = reference.load_model(ckpt, dtype=torch.float32, device=DEVICE)
     prompts, outs = mixed_workload(vocab_size(llm))
     results = llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], greedy(32), use_tqdm=False)
-    exact = sum(list(o.outputs[0].token_ids) == hf_greedy(model, list(o.prompt_token_ids), 32) for o in results)
+    exact, first_diff = 0, ""
+    for i, o in enumerate(results):
+        got, ref = list(o.outputs[0].token_ids), hf_greedy(model, list(o.prompt_token_ids), 32)
+        if got == ref:
+            exact += 1
+        elif not first_diff:  # where and how far apart, so one GPU run is enough to start looking
+            t = next(j for j, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b)
+            margin = top2_margin(model, list(o.prompt_token_ids) + ref[:t])
+            first_diff = (
+                f"; prompt {i} first differs at token {t} (vLLM {got[t]}, HF {ref[t]}, HF top-2 margin {margin:.2e})"
+            )
     report("parity-fp32", exact == len(results), f"{exact}/{len(results)} prompts token for token (32 tokens each) "
-           "against the HF reference, compiled with CUDA graphs")  # fmt: skip
+           f"against the HF reference, compiled with CUDA graphs{first_diff}")  # fmt: skip
 
     llm.collective_rpc("remix_reset_counts")
     results = llm.generate([{"prompt_token_ids": p} for p in prompts], [greedy(n) for n in outs], use_tqdm=False)

@@ -58,3 +58,18 @@ def test_the_checks_pass_on_a_cpu_engine(tiny_base: Path, tiny_ckpt: Path, capsy
 
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+def test_top2_margin_is_the_reference_logit_gap(tiny_ckpt: Path):
+    """What the parity check prints when a GPU run diverges: the reference's own top-2 logit gap there."""
+    import torch
+
+    from remix_serve import reference
+
+    gpu_check = load_gpu_check()
+    model, _ = reference.load_model(tiny_ckpt)
+    ids = [5, 17, 99, 3]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    top = logits.sort(descending=True).values
+    assert gpu_check.top2_margin(model, ids) == pytest.approx(float(top[0] - top[1]))
