@@ -120,6 +120,32 @@ def selection_weights(
     raise ValueError(f"unknown weighting {weighting!r}; expected 'constant' or 'softmax'")
 
 
+def per_token_selection(
+    logits: torch.Tensor, k: torch.Tensor, softmax: torch.Tensor, k_max: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k and selection weights when every token brings its own bank (the multi-checkpoint pool).
+
+    Each token's logits cover its checkpoint's n LoRAs, padded to `n_max` with -inf; its k and weighting come with
+    it. The picks and weights equal `topk_ids` and `selection_weights` on the unpadded logits (the padding sorts
+    last and has zero softmax mass), so every served checkpoint routes exactly as it does alone.
+
+    Args:
+        logits: `[T, n_max]` float32, -inf past each token's n.
+        k: `[T]` int64, each token's k (0 = no LoRA, e.g. a base-model token).
+        softmax: `[T]` bool, True where the token's checkpoint uses `softmax` weighting, else `constant`.
+        k_max: picks computed per token, at least max(k).
+
+    Returns:
+        ids `[T, k_max]` int64 (picks past a token's k are meaningless) and weights `[T, k_max]` float32: 1 or the
+        renormalised softmax weight on the first k picks, 0 past them.
+    """
+    ids = topk_ids(logits, k_max)  # [T, k_max]
+    used = torch.arange(k_max, device=logits.device)[None, :] < k[:, None]  # [T, k_max]
+    q_sel = torch.softmax(logits, dim=-1).gather(-1, ids) * used
+    soft = q_sel / q_sel.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(q_sel.dtype).tiny)
+    return ids, torch.where(softmax[:, None], soft, used.float())
+
+
 def ess(p: torch.Tensor) -> torch.Tensor:
     """Effective support size `(sum p)^2 / sum p^2` over the last dim: 1 = all mass on one entry, n = even.
 

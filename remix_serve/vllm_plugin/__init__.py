@@ -8,26 +8,39 @@ BASE_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "RemixMistralForCausalLM",
     "Qwen2ForCausalLM": "RemixQwen2ForCausalLM",
 }
+# Base architecture -> the multi-checkpoint (pool) architecture that extends it.
+POOL_ARCHITECTURES: dict[str, str] = {base: f"RemixPool{base}" for base in BASE_ARCHITECTURES}
 # ReMix architecture -> "module:Class", imported lazily by vLLM.
-ARCHITECTURES: dict[str, str] = {arch: f"remix_serve.vllm_plugin.model:{arch}" for arch in BASE_ARCHITECTURES.values()}
+ARCHITECTURES: dict[str, str] = {
+    **{arch: f"remix_serve.vllm_plugin.model:{arch}" for arch in BASE_ARCHITECTURES.values()},
+    **{arch: f"remix_serve.vllm_plugin.pool.model:{arch}" for arch in POOL_ARCHITECTURES.values()},
+}
 WORKER_EXTENSION = "remix_serve.vllm_plugin.worker.RemixWorkerExtension"
 
 
 def register() -> None:
-    """Entry point of `vllm.general_plugins`; safe to call more than once per process."""
+    """Entry point of `vllm.general_plugins`; safe to call more than once per process.
+
+    Also installs the ReMix adapter loader (`pool/vllm_hooks.py`), so that a LoRA adapter path holding a ReMix
+    checkpoint loads as one in every worker; other adapters keep vLLM's own loader.
+    """
     from vllm import ModelRegistry
+
+    from remix_serve.vllm_plugin.pool import vllm_hooks
 
     supported = ModelRegistry.get_supported_archs()
     for arch, target in ARCHITECTURES.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
+    vllm_hooks.install()
 
 
-def remix_architecture(base_architectures: list[str]) -> str:
-    """The ReMix architecture for a base model's `architectures` list; ValueError names the supported ones."""
+def remix_architecture(base_architectures: list[str], pool: bool = False) -> str:
+    """The ReMix (or, with `pool`, multi-checkpoint) architecture for a base model's `architectures` list;
+    ValueError names the supported ones."""
     for arch in base_architectures:
         if arch in BASE_ARCHITECTURES:
-            return BASE_ARCHITECTURES[arch]
+            return POOL_ARCHITECTURES[arch] if pool else BASE_ARCHITECTURES[arch]
     raise ValueError(
         f"base architectures {base_architectures} are not supported by remix-serve; supported: "
         f"{sorted(BASE_ARCHITECTURES)}"
@@ -38,5 +51,14 @@ def hf_overrides(checkpoint: str, base_architectures: list[str]) -> dict:
     """The `hf_overrides` that make vLLM serve a base model with a ReMix checkpoint (spec.RemixOverrides)."""
     from remix_serve.vllm_plugin.spec import RemixOverrides
 
-    remix = RemixOverrides(checkpoint=checkpoint).model_dump()
+    remix = RemixOverrides(checkpoint=checkpoint).model_dump(exclude_none=True)
     return {"architectures": [remix_architecture(base_architectures)], "remix": remix}
+
+
+def pool_hf_overrides(settings: dict, base_architectures: list[str]) -> dict:
+    """The `hf_overrides` of a multi-checkpoint server: the base's pool architecture and the pool's sizes
+    (spec.PoolSettings fields); its checkpoints come as LoRA adapters (`--enable-lora`, see pool/model.py)."""
+    from remix_serve.vllm_plugin.spec import RemixOverrides
+
+    remix = RemixOverrides(pool=settings).model_dump(exclude_none=True)
+    return {"architectures": [remix_architecture(base_architectures, pool=True)], "remix": remix}

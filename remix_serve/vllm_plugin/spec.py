@@ -1,8 +1,9 @@
 """What `hf_overrides["remix"]` carries from remix-serve (or a plain vLLM command line) to the plugin: one typed spec.
 
 The model reads it in the worker (`RemixOverrides.from_hf_config`), the endpoint plugin in the API process
-(`RemixOverrides.from_server_args`), and `hf_overrides()` writes it; remix-serve's `--adapter` help is the field's
-description. A multi-checkpoint pool (issue 14) adds its settings here.
+(`RemixOverrides.from_server_args`), and `hf_overrides()` / `pool_hf_overrides()` write it; remix-serve's
+`--adapter` help is the field's description. It holds either one checkpoint (fused into the base weights) or the
+settings of a multi-checkpoint pool (`pool/`), whose checkpoints arrive as vLLM LoRA adapters.
 """
 
 from __future__ import annotations
@@ -10,7 +11,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class PoolSettings(BaseModel):
+    """The adapter pool's fixed sizes, chosen at start-up (allocated once, so vLLM's memory profiling counts them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pages: dict[str, int] = Field(description="pages per store: {'gate_up': P1, 'down': P2}")
+    r_page: int = Field(ge=1, description="rank rows per page")
+    n_max: int = Field(ge=1, description="the largest n (LoRAs per layer) a served checkpoint may have")
+    k_max: int = Field(ge=1, description="the largest k (LoRAs selected per token) a served checkpoint may have")
+    r_max: int = Field(ge=1, description="the largest rank r a served checkpoint may have")
 
 
 class RemixOverrides(BaseModel):
@@ -18,11 +31,19 @@ class RemixOverrides(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    checkpoint: str = Field(
+    checkpoint: str | None = Field(
+        default=None,
         min_length=1,
         description="ReMix checkpoint folder (remix_config.json + adapter.safetensors); an absolute path in "
         "hf_overrides, since the engine's working directory may differ",
     )
+    pool: PoolSettings | None = Field(default=None, description="multi-checkpoint pool settings (pool/)")
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> RemixOverrides:
+        if (self.checkpoint is None) == (self.pool is None):
+            raise ValueError("exactly one of 'checkpoint' and 'pool' must be given")
+        return self
 
     @classmethod
     def parse(cls, value: Any, where: str) -> RemixOverrides:
@@ -32,7 +53,8 @@ class RemixOverrides(BaseModel):
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'remix'}: {err['msg']}" for err in e.errors())
             raise ValueError(
-                f"{where} must be {{'checkpoint': '<folder>'}} (hf_overrides={{'remix': {{...}}}}): {problems}; "
+                f"{where} must be {{'checkpoint': '<folder>'}} or {{'pool': {{...}}}} (in hf_overrides' remix): "
+                f"{problems}; "
                 f"got {value!r}"
             ) from None
 

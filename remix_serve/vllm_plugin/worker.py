@@ -1,7 +1,8 @@
 """Worker extension: the RPC methods through which the API process reads the model's counters.
 
 Installed with `--worker-extension-cls remix_serve.vllm_plugin.worker:RemixWorkerExtension` (remix-serve sets it)
-and called with `collective_rpc("remix_counts")`; `remix_compilation` tells how the worker runs the model.
+and called with `collective_rpc("remix_counts")`; `remix_compilation` tells how the worker runs the model, and the
+`remix_pool_*` methods serve a multi-checkpoint model's pool.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ class RemixWorkerExtension:
 
     def remix_reset_counts(self) -> None:
         self._remix_model().remix_reset_counts()
+
+    def remix_pool_stats(self) -> dict:
+        """The multi-checkpoint pool's pages, residency and load/eviction counters (pool/model.py)."""
+        return self._remix_model().remix_pool_stats()
+
+    def remix_pool_forget(self, name: str) -> bool:
+        """Free a checkpoint's pool pages after vLLM removed its adapter; False when the pool does not know it."""
+        return self._remix_model().remix_pool_forget(name)
 
     def remix_record(self, on: bool) -> dict[int, list[list[int]]] | None:
         return self._remix_model().remix_record(on)

@@ -114,7 +114,12 @@ def install() -> bool:
 
     def _load_adapter(self, lora_request: LoRARequest) -> LoRAModel:
         remix = load_remix_adapter(lora_request)
-        return remix if remix is not None else original(self, lora_request)
+        if remix is None:
+            return original(self, lora_request)
+        admit = getattr(self._adapter_manager.model, "remix_admit", None)
+        if admit is not None:  # a multi-checkpoint model: refuse here what its pool could not serve
+            admit(remix.checkpoint, remix.name)
+        return remix
 
     _load_adapter.__remix_hook__ = True  # type: ignore[attr-defined]
     _load_adapter.__wrapped__ = original  # type: ignore[attr-defined]
