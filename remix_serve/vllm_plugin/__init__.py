@@ -16,6 +16,11 @@ ARCHITECTURES: dict[str, str] = {
     **{arch: f"remix_serve.vllm_plugin.pool.model:{arch}" for arch in POOL_ARCHITECTURES.values()},
 }
 WORKER_EXTENSION = "remix_serve.vllm_plugin.worker.RemixWorkerExtension"
+# The one module vLLM's LoRA machinery wraps in a multi-checkpoint model (pool/vllm_hooks.py): --lora-target-modules
+ANCHOR = "remix_anchor"
+# LoRA adapters kept in each worker's host cache (vLLM's --max-cpu-loras): above any realistic number of names, so
+# that a checkpoint is never read from disk again inside an engine step (it stays on host, validated, once loaded).
+MAX_CPU_LORAS = 4096
 
 
 def register() -> None:
@@ -53,6 +58,20 @@ def hf_overrides(checkpoint: str, base_architectures: list[str]) -> dict:
 
     remix = RemixOverrides(checkpoint=checkpoint).model_dump(exclude_none=True)
     return {"architectures": [remix_architecture(base_architectures)], "remix": remix}
+
+
+def pool_engine_kwargs(settings: dict, base_architectures: list[str], max_loras: int) -> dict:
+    """vLLM engine arguments (LLM / AsyncEngineArgs keywords) of a multi-checkpoint server: the pool architecture
+    and sizes, and vLLM's LoRA machinery reduced to carrying each request's checkpoint (one 1x1 anchor wrapped)."""
+    return {
+        "hf_overrides": pool_hf_overrides(settings, base_architectures),
+        "enable_lora": True,
+        "max_loras": max_loras,
+        "max_lora_rank": 1,
+        "max_cpu_loras": max(MAX_CPU_LORAS, max_loras),
+        "lora_target_modules": [ANCHOR],
+        "worker_extension_cls": WORKER_EXTENSION,
+    }
 
 
 def pool_hf_overrides(settings: dict, base_architectures: list[str]) -> dict:

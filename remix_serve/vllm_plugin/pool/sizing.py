@@ -5,6 +5,7 @@ Pure Python, like `pages.py`: a flag in bytes or in checkpoints becomes the `pag
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,3 +46,71 @@ def pages_for_checkpoints(count: int, layouts: Iterable[LoraLayout], r_page: int
 def pages_in_bytes(nbytes: int, hidden_size: int, intermediate_size: int, r_page: int, dtype: Any) -> int:
     """How many whole pages (of either store) fit in `nbytes`."""
     return nbytes // page_bytes(hidden_size, intermediate_size, r_page, dtype)
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_pool_size(value: str) -> tuple[str, int]:
+    """`--pool-size`: a bare integer is a number of checkpoints ("16"), one with a unit is bytes ("512MiB", "2GB").
+
+    Returns ("checkpoints", N) or ("bytes", N); PoolError names the bad value."""
+    text = value.strip().lower().replace(" ", "")
+    digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(digits) :]
+    if not digits.isdigit() or int(digits) < 1 or (unit and unit not in _UNITS):
+        raise PoolError(
+            f"--pool-size {value!r} is neither a number of checkpoints (e.g. 16) nor a size in bytes with a unit"
+            f" (e.g. 512MiB; units {', '.join(_UNITS)})"
+        )
+    return ("bytes", int(digits) * _UNITS[unit]) if unit else ("checkpoints", int(digits))
+
+
+def plan_pool(
+    configs: list[Any],
+    *,
+    max_loras: int,
+    hidden_size: int,
+    intermediate_size: int,
+    dtype: Any,
+    pool_size: str | None = None,
+    r_page: int | None = None,
+    n_max: int | None = None,
+    k_max: int | None = None,
+    r_max: int | None = None,
+) -> dict:
+    """The `PoolSettings` fields (spec.py) for a server that starts with `configs` (RemixConfigs, at least one).
+
+    Defaults: n_max, k_max and r_max are the largest of the configs; r_page is the ranks' greatest common divisor
+    (no page padding), or the smallest rank where the divisor is below 4 (fewer, fuller pages); the pool holds
+    `max(len(configs), max_loras)` checkpoints as large as the largest. `pool_size` overrides the size (see
+    `parse_pool_size`). PoolError when the pool cannot hold `max_loras` of the largest checkpoint at once."""
+    if not configs:
+        raise PoolError("a pool needs at least one checkpoint to size it")
+    layouts = [LoraLayout.of(c) for c in configs]
+    ranks = [c.rank for c in configs]
+    if r_page is None:
+        r_page = math.gcd(*ranks)
+        if r_page < 4:
+            r_page = min(ranks)
+    settings = {
+        "r_page": r_page,
+        "n_max": n_max or max(c.num_loras for c in configs),
+        "k_max": k_max or max(c.top_k for c in configs),
+        "r_max": r_max or max(ranks),
+    }
+    largest = pages_for_checkpoints(1, layouts, r_page)
+    kind, amount = parse_pool_size(pool_size) if pool_size else ("checkpoints", max(len(configs), max_loras))
+    if kind == "checkpoints":
+        pages = {store: max(amount * n, 1) for store, n in largest.items()}
+    else:
+        total = pages_in_bytes(amount, hidden_size, intermediate_size, r_page, dtype)
+        widest = max(layouts, key=lambda lay: sum(pages_needed(lay, r_page).values()))
+        pages = split_pages(total, widest, r_page)
+    short = [f"{largest[s] * max_loras} pages of the {s} store" for s in STORES if largest[s] * max_loras > pages[s]]
+    if short:
+        raise PoolError(
+            f"a pool of {pages} pages is too small: --max-loras {max_loras} checkpoints as large as the largest"
+            f" need {' and '.join(short)}; raise --pool-size or lower --max-loras"
+        )
+    return {**settings, "pages": pages}
