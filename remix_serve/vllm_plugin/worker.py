@@ -31,6 +31,10 @@ class RemixWorkerExtension:
         """Free a checkpoint's pool pages after vLLM removed its adapter; False when the pool does not know it."""
         return self._remix_model().remix_pool_forget(name)
 
+    def remix_pool_trace(self, on: bool) -> list[dict[str, int]] | None:
+        """Start or stop tracing the distinct pool pages each forward selects (pool/model.py `set_trace`)."""
+        return self._remix_model().remix_pool_trace(on)
+
     def remix_record(self, on: bool) -> dict[int, list[list[int]]] | None:
         return self._remix_model().remix_record(on)
 

@@ -105,6 +105,8 @@ class AdapterPool(nn.Module):
         self.step_slots: torch.Tensor | None = None
         self.present: set[int] = set()
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.trace: list[dict[str, int]] | None = None  # set_trace
+        self.step_pages: list[torch.Tensor] = []
 
     # --- admission and slots (outside any forward) ---
 
@@ -235,9 +237,13 @@ class AdapterPool(nn.Module):
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's pages `[T, 3, K]` (K = k_max * pages_per_lora, -1 = none) and their weights `[T, K]`."""
         slots, T = self.step_slots, x.shape[0]
-        n_max = self.settings.n_max
-        logits_all = routing.router_logits(x, self.routers[layer].view(-1, self.D)).view(T, self.slots + 1, n_max)
-        logits = logits_all.gather(1, slots.view(T, 1, 1).expand(T, 1, n_max))[:, 0] + self.bias[layer][slots]
+        n_max, routers = self.settings.n_max, self.routers[layer]  # [S+1, n_max, D]
+        if x.shape[0] <= self.slots:  # each token against its own router only: T n_max D multiply-adds
+            logits = torch.bmm(routers[slots], x.float()[:, :, None])[:, :, 0]
+        else:  # one GEMM over every slot's router, then each token's block: fewer, larger reads
+            logits_all = routing.router_logits(x, routers.view(-1, self.D)).view(T, self.slots + 1, n_max)
+            logits = logits_all.gather(1, slots.view(T, 1, 1).expand(T, 1, n_max))[:, 0]
+        logits = logits + self.bias[layer][slots]
         ids, weights = routing.per_token_selection(logits, self.k[layer][slots], self.softmax[slots], self.k_max)
         self.pending.append((layer, ids, weights))
         ppl = self.pages_per_lora
@@ -245,13 +251,35 @@ class AdapterPool(nn.Module):
         pages = rows.gather(2, ids.view(T, 1, self.k_max, 1).expand(T, len(PROJECTIONS), self.k_max, ppl))
         used = (weights != 0).view(T, 1, self.k_max, 1)
         pages = torch.where(used, pages, -1).view(T, len(PROJECTIONS), self.k_max * ppl)
+        if self.trace is not None:
+            self.step_pages.append(pages)
         return pages, weights.repeat_interleave(ppl, dim=1)
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor, store: str, pages: torch.Tensor, coef: torch.Tensor):
         delta.lora_add(out, x, getattr(self, f"A_{store}"), getattr(self, f"B_{store}"), pages, coef)
 
+    def set_trace(self, on: bool) -> list[dict[str, int]] | None:
+        """Start (on) or stop tracing; stopping returns, per forward with ReMix tokens, its tokens and the distinct
+        pages of each store that its tokens selected, over every layer: what a step must read beyond the base
+        weights (bench/serve_multi.py prints it beside each decode figure). A host sync per forward: off by default.
+        """
+        out, self.trace = self.trace, ([] if on else None)
+        return None if on else out
+
+    def _trace_step(self) -> None:
+        gate_up = [p[:, :2] for p in self.step_pages]
+        down = [p[:, 2] for p in self.step_pages]
+        distinct = {
+            store: int(torch.cat([t.reshape(-1) for t in parts]).unique().ge(0).sum()) if parts else 0
+            for store, parts in (("gate_up", gate_up), ("down", down))
+        }
+        self.trace.append({"tokens": int(self.step_slots.shape[0]), **distinct})
+
     def end(self) -> None:
         """Count this forward's picks per slot: real tokens, used picks, in one scatter-add."""
+        if self.trace is not None and self.step_slots is not None:
+            self._trace_step()
+        self.step_pages = []
         if self.step_slots is None or not self.pending:
             self.step_slots = None
             return
@@ -395,6 +423,9 @@ class PoolModelMixin(vllm_hooks.SlotEventsMixin):
 
     def remix_pool_forget(self, name: str) -> bool:
         return self.remix_pool.forget(name)
+
+    def remix_pool_trace(self, on: bool) -> list[dict[str, int]] | None:
+        return self.remix_pool.set_trace(on)
 
 
 class RemixPoolLlamaForCausalLM(PoolModelMixin, LlamaForCausalLM):
