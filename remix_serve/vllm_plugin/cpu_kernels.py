@@ -6,7 +6,8 @@ On a small CPU each extra PyTorch op between two GEMMs costs 10-20 us, far more 
 `shrink_concat` builds it with the shrink of each token's k selected LoRAs computed in place (decode-sized batches,
 up to GATHER_MAX_TOKENS); `silu_mul_shrink_concat` does the same for the down projection straight from the gate/up
 GEMM's output, SiLU-and-mul included. Each gives the results of `routing` and `bank` (tests/plugin/test_cpu_kernels.py),
-the last also of SiLU-and-mul in float32. The build
+the last also of SiLU-and-mul in float32. `pool_lora_add` adds the multi-checkpoint adapter pool's per-token
+page delta in place, the result of `pool.delta.lora_add_reference` (tests/plugin/test_pool_kernels.py). The build
 (about 30 s, needs a C++ compiler with OpenMP and ninja) is cached under `TORCH_EXTENSIONS_DIR` (default
 ~/.cache/torch_extensions); `scripts/install.sh` and the CPU image run it at install time, and a build folder this
 process cannot write (a read-only image) is loaded as it is. Where it cannot build, `available()` is False and the
@@ -17,8 +18,8 @@ decode step, each call right after a GEMM has streamed megabytes of weights thro
 dispatcher's code and tables, evicted, cost about 20 us more per call than a direct binding
 (`bench/micro/cpu_call_overhead.py`). Eager serving (remix-serve's CPU default) calls it directly. torch.compile cannot
 trace a pybind11 call, so the compiled path calls the same kernels through the `torch.library` custom ops at the
-end of this file (`remix::route`, `remix::bank_input`): one opaque node each, with fake implementations for
-tracing. Inference only: no autograd.
+end of this file (`remix::route`, `remix::bank_input`, `remix::pool_lora_add`): one opaque node each, with fake
+implementations for tracing. Inference only: no autograd.
 """
 
 from __future__ import annotations
@@ -110,6 +111,23 @@ def silu_mul_shrink_concat(
     return _lib().shrink_concat(gate_up, bank_A, ids, weights, rank, True)
 
 
+def pool_lora_add(
+    out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, pages: torch.Tensor, coef: torch.Tensor
+) -> None:
+    """Add the adapter pool's per-token LoRA delta into `out` in place: `pool.delta.lora_add_reference`'s result.
+
+    Each token of a mixed batch brings its own pages (its checkpoint's top-k LoRAs, in rank-chunk pages) and a
+    coefficient per page; page -1 is skipped, and a token whose pages are all -1 (a base-model token) is left
+    bit-identical. Only the listed pages are read, so a call costs the same whatever the checkpoints' n and however
+    many checkpoints the pool holds. The reference gathers and copies every page it uses and runs two batched GEMMs
+    per page slot; this reads each page once, accumulates in float32 and rounds once into `out`. `out` `[T, N]`
+    and `x` `[T, in]` may be column slices (e.g. one half of a gate/up output); `A` `[P, r_page, in]`, `B`
+    `[P, r_page, N]`, all four in one dtype; `pages` `[T, K]` int64, `coef` `[T, K]` float32. A page id outside
+    `[-1, P)` raises before anything is written.
+    """
+    _lib().pool_lora_add(out, x, A, B, pages, coef)
+
+
 # --- The compiled path: the kernels above as torch.library custom ops, which torch.compile keeps as opaque nodes.
 
 
@@ -151,3 +169,18 @@ def _(
 ) -> torch.Tensor:
     width = x.shape[1] // 2 if silu_mul else x.shape[1]
     return x.new_empty(x.shape[0], width + bank_A.shape[0])
+
+
+@torch.library.custom_op("remix::pool_lora_add", mutates_args=("out",))
+def pool_lora_add_op(
+    out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, pages: torch.Tensor, coef: torch.Tensor
+) -> None:
+    """`pool_lora_add` as a custom op (mutates `out`)."""
+    _lib().pool_lora_add(out, x, A, B, pages, coef)
+
+
+@pool_lora_add_op.register_fake
+def _(
+    out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, pages: torch.Tensor, coef: torch.Tensor
+) -> None:
+    return None

@@ -381,6 +381,186 @@ torch::Tensor shrink_concat(const torch::Tensor& x_, const torch::Tensor& A, con
   return out;
 }
 
+// acc[0 .. N) += sum_j h[j] * b_j for the `rows` rows b_j = b + j * N (float32), four rows per pass over acc.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void axpy_rows(const float* h, const float* b, int64_t rows, int64_t N, float* acc) {
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) {
+    const float h0 = h[j], h1 = h[j + 1], h2 = h[j + 2], h3 = h[j + 3];
+    const float *b0 = b + j * N, *b1 = b0 + N, *b2 = b1 + N, *b3 = b2 + N;
+    for (int64_t d = 0; d < N; ++d) acc[d] += h0 * b0[d] + h1 * b1[d] + h2 * b2[d] + h3 * b3[d];
+  }
+  for (; j < rows; ++j) {
+    const float hj = h[j];
+    const float* bj = b + j * N;
+    for (int64_t d = 0; d < N; ++d) acc[d] += hj * bj[d];
+  }
+}
+
+// axpy_rows for bfloat16 rows, widened to float32 as they are read (no float32 copy of the page).
+void axpy_rows_bf16_scalar(const float* h, const at::BFloat16* b, int64_t rows, int64_t N, float* acc) {
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t d = 0; d < N; ++d) acc[d] += h[j] * static_cast<float>(b[j * N + d]);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// 16 bfloat16 values widened to float32 (a zero-extend and a shift: bfloat16 is a float32's upper half).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_bf16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// load_bf16 of the lanes in m (zeros elsewhere, nothing read past them).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_bf16_masked(const at::BFloat16* p,
+                                                                                    __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void axpy_rows_bf16_avx512(const float* h, const at::BFloat16* b,
+                                                                                 int64_t rows, int64_t N, float* acc) {
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) {
+    const __m512 h0 = _mm512_set1_ps(h[j]), h1 = _mm512_set1_ps(h[j + 1]), h2 = _mm512_set1_ps(h[j + 2]),
+                 h3 = _mm512_set1_ps(h[j + 3]);
+    const at::BFloat16 *b0 = b + j * N, *b1 = b0 + N, *b2 = b1 + N, *b3 = b2 + N;
+    int64_t d = 0;
+    for (; d + kLanes <= N; d += kLanes) {
+      __m512 a = _mm512_loadu_ps(acc + d);
+      a = _mm512_fmadd_ps(h0, load_bf16(b0 + d), a);
+      a = _mm512_fmadd_ps(h1, load_bf16(b1 + d), a);
+      a = _mm512_fmadd_ps(h2, load_bf16(b2 + d), a);
+      a = _mm512_fmadd_ps(h3, load_bf16(b3 + d), a);
+      _mm512_storeu_ps(acc + d, a);
+    }
+    if (d < N) {
+      const __mmask16 m = (__mmask16(1) << (N - d)) - 1;
+      __m512 a = _mm512_maskz_loadu_ps(m, acc + d);
+      a = _mm512_fmadd_ps(h0, load_bf16_masked(b0 + d, m), a);
+      a = _mm512_fmadd_ps(h1, load_bf16_masked(b1 + d, m), a);
+      a = _mm512_fmadd_ps(h2, load_bf16_masked(b2 + d, m), a);
+      a = _mm512_fmadd_ps(h3, load_bf16_masked(b3 + d, m), a);
+      _mm512_mask_storeu_ps(acc + d, m, a);
+    }
+  }
+  axpy_rows_bf16_scalar(h + j, b + j * N, rows - j, N, acc);
+}
+#endif
+
+void axpy_rows_bf16(const float* h, const at::BFloat16* b, int64_t rows, int64_t N, float* acc) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  if (avx512) return axpy_rows_bf16_avx512(h, b, rows, N, acc);
+#endif
+  axpy_rows_bf16_scalar(h, b, rows, N, acc);
+}
+
+// Multiply-adds per thread chunk of pool_lora_add: fewer tokens than this much work run inline.
+constexpr int64_t kPoolMacsPerChunk = 1 << 17;
+
+// out[t] += sum_q coef[t, q] * (x[t] A[p]^T) B[p], p = pages[t, q], page -1 skipped: pool/delta.py's
+// lora_add_reference, the contract (float32 accumulation, one rounding into out per token). A token reads only
+// its own listed pages, K * r_page * (in + N) values, whatever the pool's size; a token whose pages are all -1 is
+// not touched. out and x may be column slices (contiguous rows at any stride). bf16 dots use AVX512-BF16 on x and
+// A as they are; otherwise x[t] is widened once per token and A pages not in float32 once per page.
+void pool_lora_add(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& B,
+                   const torch::Tensor& pages_, const torch::Tensor& coef_) {
+  check_cpu("pool_lora_add", {&out, &x, &A, &B, &pages_, &coef_});
+  TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1, "pool_lora_add: out must be [T, N] with contiguous rows");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "pool_lora_add: x must be [T, in] with contiguous rows");
+  TORCH_CHECK(A.dim() == 3 && A.is_contiguous(), "pool_lora_add: A must be a contiguous [P, r_page, in]");
+  TORCH_CHECK(B.dim() == 3 && B.is_contiguous(), "pool_lora_add: B must be a contiguous [P, r_page, N]");
+  const auto dtype = out.scalar_type();
+  TORCH_CHECK(x.scalar_type() == dtype && A.scalar_type() == dtype && B.scalar_type() == dtype,
+              "pool_lora_add: out, x, A and B must share a dtype, got ", dtype, ", ", x.scalar_type(), ", ",
+              A.scalar_type(), ", ", B.scalar_type());
+  TORCH_CHECK(pages_.dim() == 2 && pages_.scalar_type() == at::kLong, "pool_lora_add: pages must be an int64 [T, K]");
+  TORCH_CHECK(coef_.dim() == 2 && coef_.scalar_type() == at::kFloat, "pool_lora_add: coef must be a float32 [T, K]");
+  const int64_t T = out.size(0), N = out.size(1), D = x.size(1), P = A.size(0), R = A.size(1), K = pages_.size(1);
+  TORCH_CHECK(x.size(0) == T && pages_.size(0) == T && coef_.size(0) == T && coef_.size(1) == K,
+              "pool_lora_add: out, x, pages and coef must have the same tokens (and pages, coef the same K)");
+  TORCH_CHECK(A.size(2) == D && B.size(0) == P && B.size(1) == R && B.size(2) == N, "pool_lora_add: A is [",
+              A.size(0), ", ", A.size(1), ", ", A.size(2), "] and B [", B.size(0), ", ", B.size(1), ", ", B.size(2),
+              "], expected [P, r_page, ", D, "] and [P, r_page, ", N, "] for x [T, ", D, "] and out [T, ", N, "]");
+  const auto pages = pages_.contiguous(), coef = coef_.contiguous();
+  const int64_t* pg = pages.data_ptr<int64_t>();
+  const float* cf = coef.data_ptr<float>();
+  for (int64_t i = 0; i < T * K; ++i)  // before any write: a bad id leaves out as it was
+    TORCH_CHECK(pg[i] >= -1 && pg[i] < P, "pool_lora_add: page id ", pg[i], " (token ", i / K,
+                ") out of range for a pool of P=", P, " pages (-1 skips)");
+  if (T == 0 || K == 0 || R == 0 || N == 0) return;
+  bool bf16_dot = false;
+#ifdef REMIX_HAS_BF16_DOT
+  bf16_dot = dtype == at::kBFloat16 && cpu_has_bf16_dot();
+#endif
+  const int64_t grain = std::max<int64_t>(1, kPoolMacsPerChunk / std::max<int64_t>(1, K * R * (D + N)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "remix_pool_lora_add", [&] {
+    const scalar_t *X = x.data_ptr<scalar_t>(), *Ap = A.data_ptr<scalar_t>(), *Bp = B.data_ptr<scalar_t>();
+    scalar_t* O = out.data_ptr<scalar_t>();
+    const int64_t xrow = x.stride(0), orow = out.stride(0);
+    // (A lambda is no template: the branches not taken still compile, hence the casts to the type they run on.)
+    constexpr bool is_float = std::is_same_v<scalar_t, float>, is_bf16 = std::is_same_v<scalar_t, at::BFloat16>;
+    at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> xf(bf16_dot || is_float ? 0 : D), acc(N), h(R), out_f(is_float ? 0 : N);
+      std::vector<float> a_page(bf16_dot || is_float ? 0 : R * D), b_page(is_float || is_bf16 ? 0 : R * N);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t* pt = pg + t * K;
+        if (std::all_of(pt, pt + K, [](int64_t p) { return p < 0; })) continue;  // a base token: out stays
+        const scalar_t* xt = X + t * xrow;
+        const float* xt_f = nullptr;
+        if constexpr (is_float) {
+          xt_f = reinterpret_cast<const float*>(xt);
+        } else if (!bf16_dot) {
+          to_float(xt, xf.data(), D);
+          xt_f = xf.data();
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t q = 0; q < K; ++q) {
+          const int64_t p = pt[q];
+          if (p < 0) continue;
+          const scalar_t *Aq = Ap + p * R * D, *Bq = Bp + p * R * N;
+#ifdef REMIX_HAS_BF16_DOT
+          if (bf16_dot) {
+            dot_rows_bf16(reinterpret_cast<const at::BFloat16*>(xt), reinterpret_cast<const at::BFloat16*>(Aq), R, D,
+                          h.data());
+          } else
+#endif
+          {
+            const float* Af;
+            if constexpr (is_float) {
+              Af = reinterpret_cast<const float*>(Aq);
+            } else {
+              to_float(Aq, a_page.data(), R * D);
+              Af = a_page.data();
+            }
+            dot_rows(xt_f, Af, R, D, h.data());
+          }
+          const float c = cf[t * K + q];
+          for (int64_t j = 0; j < R; ++j) h[j] *= c;
+          if constexpr (is_float) {
+            axpy_rows(h.data(), reinterpret_cast<const float*>(Bq), R, N, acc.data());
+          } else if constexpr (is_bf16) {
+            axpy_rows_bf16(h.data(), reinterpret_cast<const at::BFloat16*>(Bq), R, N, acc.data());
+          } else {
+            to_float(Bq, b_page.data(), R * N);
+            axpy_rows(h.data(), b_page.data(), R, N, acc.data());
+          }
+        }
+        // out[t] = round(out[t] + delta), the one rounding
+        scalar_t* ot = O + t * orow;
+        if constexpr (is_float) {
+          for (int64_t d = 0; d < N; ++d) ot[d] = static_cast<float>(ot[d]) + acc[d];
+        } else {
+          to_float(ot, out_f.data(), N);
+          for (int64_t d = 0; d < N; ++d) out_f[d] += acc[d];
+          from_float(out_f.data(), ot, N);
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 // A plain Python module rather than torch.ops: a call through the dispatcher costs about 20 us more the first time
@@ -391,4 +571,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_concat", &masked_concat, "[x | h * w]", py::arg("x"), py::arg("h"), py::arg("w"), py::arg("rank"));
   m.def("shrink_concat", &shrink_concat, "[x | masked shrink of the selected LoRAs]", py::arg("x"), py::arg("A"),
         py::arg("ids"), py::arg("w"), py::arg("rank"), py::arg("silu_and_mul") = false);
+  m.def("pool_lora_add", &pool_lora_add, "out += the pool's per-token page delta, in place", py::arg("out"),
+        py::arg("x"), py::arg("A"), py::arg("B"), py::arg("pages"), py::arg("coef"));
 }

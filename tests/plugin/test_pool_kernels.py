@@ -1,0 +1,174 @@
+"""The pool's CPU gather kernel (`cpu_kernels.pool_lora_add`) equals its PyTorch reference (`pool/delta.py`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from remix_serve.vllm_plugin import cpu_kernels
+from remix_serve.vllm_plugin.pool import delta
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ toolchain to build the CPU kernels")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# After float32 accumulation in another order, the results may differ by one rounding to the output dtype.
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def pool_case(T: int, K: int, r_page: int, dtype: torch.dtype, *, D: int = 96, N: int = 80, P: int = 12, seed: int = 0):
+    """Random x, A, B, out (out a column slice `gate_up[:, N:]` of a `[T, 2N]` tensor), pages with -1s mixed in,
+    every third token from the third a base token (all -1), duplicate pages within some tokens, random coefficients."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    A = (torch.randn(P, r_page, D, generator=g) * 0.2).to(dtype)
+    B = (torch.randn(P, r_page, N, generator=g) * 0.2).to(dtype)
+    gate_up = torch.randn(T, 2 * N, generator=g).to(dtype)
+    pages = torch.randint(0, P, (T, K), generator=g)
+    skip = torch.rand(T, K, generator=g) < 0.3
+    skip[:, 0] = False  # every token but the base ones keeps a page
+    pages[skip] = -1
+    pages[2::3] = -1  # base-model tokens
+    if K > 1:
+        pages[1::3, 1] = pages[1::3, 0].clamp(min=0)  # a page twice in one token
+    coef = torch.randn(T, K, generator=g) * 0.7 + 1.0
+    return gate_up, x, A, B, pages, coef
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 5, 64, 300])
+@pytest.mark.parametrize("K", [1, 3, 8])
+@pytest.mark.parametrize("r_page", [4, 8, 16])
+def test_pool_lora_add_equals_reference(dtype, T, K, r_page):
+    gate_up, x, A, B, pages, coef = pool_case(T, K, r_page, dtype, seed=T * 100 + K * 10 + r_page)
+    N = gate_up.shape[1] // 2
+    before = gate_up.clone()
+    expected = delta.lora_add_reference(before.clone()[:, N:], x, A, B, pages, coef)
+
+    cpu_kernels.pool_lora_add(gate_up[:, N:], x, A, B, pages, coef)
+
+    assert torch.equal(gate_up[:, :N], before[:, :N]), "the other columns of the wider tensor were written"
+    base = (pages < 0).all(dim=1)
+    assert torch.equal(gate_up[base], before[base]), "a base token's row changed"
+    if T > 1:
+        assert (~base).any() and base.any()
+    assert not torch.equal(gate_up[~base, N:], before[~base, N:]), "no delta was added"
+    torch.testing.assert_close(gate_up[:, N:], expected, rtol=RTOL[dtype], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_lora_add_reads_a_column_slice_of_x(dtype):
+    gate_up, x, A, B, pages, coef = pool_case(7, 3, 8, dtype, seed=3)
+    wide = torch.randn(7, x.shape[1] + 40).to(dtype)
+    wide[:, 16 : 16 + x.shape[1]] = x
+    N = gate_up.shape[1] // 2
+    got, expected = gate_up[:, :N].clone(), gate_up[:, :N].clone()
+    cpu_kernels.pool_lora_add(got, wide[:, 16 : 16 + x.shape[1]], A, B, pages, coef)
+    cpu_kernels.pool_lora_add(expected, x, A, B, pages, coef)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_lora_add_sums_the_coefficient_weighted_pages(dtype):
+    """Independent of the reference: two listed pages give c0 * delta(page a) + c1 * delta(page b), and a page listed
+    twice counts twice."""
+    g = torch.Generator().manual_seed(7)
+    D, N, r = 64, 48, 4
+    x = torch.randn(2, D, generator=g).to(dtype)
+    A, B = torch.randn(5, r, D, generator=g).to(dtype), torch.randn(5, r, N, generator=g).to(dtype)
+    pages = torch.tensor([[1, 3], [2, 2]])
+    coef = torch.tensor([[0.5, -2.0], [1.0, 1.0]])
+    out = torch.zeros(2, N, dtype=dtype)
+    cpu_kernels.pool_lora_add(out, x, A, B, pages, coef)
+    xf, Af, Bf = x.double(), A.double(), B.double()
+    expected = torch.stack([0.5 * (Af[1] @ xf[0]) @ Bf[1] - 2.0 * (Af[3] @ xf[0]) @ Bf[3], 2 * (Af[2] @ xf[1]) @ Bf[2]])
+    torch.testing.assert_close(out.double(), expected.to(dtype).double(), rtol=RTOL[dtype], atol=1e-4)
+
+
+def test_pool_lora_add_is_batch_invariant():
+    """A token's result does not depend on the other tokens of its batch (decode batches change every step)."""
+    gate_up, x, A, B, pages, coef = pool_case(40, 3, 8, torch.bfloat16, seed=5)
+    out = gate_up[:, 80:]
+    full = out.clone()
+    cpu_kernels.pool_lora_add(full, x, A, B, pages, coef)
+    assert not torch.equal(full, out)
+    for t in (0, 1, 2, 20, 39):
+        one = out[t : t + 1].clone()
+        cpu_kernels.pool_lora_add(one, x[t : t + 1], A, B, pages[t : t + 1], coef[t : t + 1])
+        assert torch.equal(one[0], full[t])
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_pages_skipped_leaves_out_unchanged(impl, dtype):
+    _, x, A, B, pages, coef = pool_case(9, 4, 8, dtype, seed=11)
+    out = torch.randn(9, B.shape[2]).to(dtype)
+    out[0, :3] = torch.tensor([float("nan"), -0.0, float("inf")])
+    before = out.clone()
+    if impl == "kernel":
+        cpu_kernels.pool_lora_add(out, x, A, B, torch.full_like(pages, -1), coef)
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(out.view(bits), before.view(bits))  # the kernel does not touch the row at all
+    else:
+        delta.lora_add_reference(out, x, A, B, torch.full_like(pages, -1), coef)
+        # The reference adds a zero delta: the same values (-0.0 + 0.0 gives +0.0, equal but not the same bits).
+        torch.testing.assert_close(out, before, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", [12, 1000, -2])
+def test_an_out_of_range_page_raises_with_its_value_and_writes_nothing(bad):
+    gate_up, x, A, B, pages, coef = pool_case(6, 3, 4, torch.float32, seed=1)  # P = 12
+    pages[4, 2] = bad
+    out = gate_up[:, 80:]
+    before = out.clone()
+    with pytest.raises(RuntimeError, match=rf"page id {bad} \(token 4\) out of range for a pool of P=12 pages"):
+        cpu_kernels.pool_lora_add(out, x, A, B, pages, coef)
+    assert torch.equal(out, before)
+
+
+def test_bad_shapes_and_dtypes_get_a_clear_error():
+    _, x, A, B, pages, coef = pool_case(4, 2, 4, torch.float32, seed=2)
+    out = torch.zeros(4, B.shape[2])
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        cpu_kernels.pool_lora_add(out, x.bfloat16(), A, B, pages, coef)
+    with pytest.raises(RuntimeError, match="pages must be an int64"):
+        cpu_kernels.pool_lora_add(out, x, A, B, pages.int(), coef)
+    with pytest.raises(RuntimeError, match="coef must be a float32"):
+        cpu_kernels.pool_lora_add(out, x, A, B, pages, coef.double())
+    with pytest.raises(RuntimeError, match=r"expected \[P, r_page, 96\] and \[P, r_page, 80\]"):
+        cpu_kernels.pool_lora_add(out, x, A[:, :, :50].contiguous(), B, pages, coef)
+    with pytest.raises(RuntimeError, match="out must be \\[T, N\\] with contiguous rows"):
+        cpu_kernels.pool_lora_add(torch.zeros(80, 4).t(), x, A, B, pages, coef)
+
+
+def test_lora_add_dispatches_to_the_kernel_on_cpu(monkeypatch):
+    gate_up, x, A, B, pages, coef = pool_case(10, 3, 8, torch.bfloat16, seed=4)
+    calls = []
+    real = cpu_kernels.pool_lora_add
+
+    def spy(*args):
+        calls.append(args)
+        real(*args)
+
+    monkeypatch.setattr(cpu_kernels, "pool_lora_add", spy)
+    start = gate_up[:, 80:].clone()
+    expected = delta.lora_add_reference(start.clone(), x, A, B, pages, coef)
+    out = gate_up[:, 80:]
+    assert delta.lora_add(out, x, A, B, pages, coef) is out
+    assert len(calls) == 1 and calls[0][0] is out
+    torch.testing.assert_close(out, expected, rtol=RTOL[torch.bfloat16], atol=1e-5)
+
+    # Without the built kernels, the reference runs.
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    out = start.clone()
+    assert delta.lora_add(out, x, A, B, pages, coef) is out
+    assert len(calls) == 1
+    assert torch.equal(out, expected)
+
+
+def test_pool_lora_add_op_passes_torch_library_opcheck():
+    """Schema (out mutated), fake implementation and dispatch agree: what torch.compile relies on to trace it."""
+    gate_up, x, A, B, pages, coef = pool_case(5, 3, 4, torch.float32, seed=9)
+    torch.library.opcheck(cpu_kernels.pool_lora_add_op, (gate_up[:, 80:].clone(), x, A, B, pages, coef))
+    out = gate_up[:, 80:].clone()
+    cpu_kernels.pool_lora_add_op(out, x, A, B, pages, coef)
+    torch.testing.assert_close(out, delta.lora_add_reference(gate_up[:, 80:].clone(), x, A, B, pages, coef))
