@@ -18,8 +18,8 @@ evicted or never loaded: least recently used unpinned checkpoints go to host fir
 Forward, per layer: the base MLP, plus for the tokens of ReMix checkpoints one router GEMM over every slot's router,
 each token's own logits, top-k and weights (`routing.per_token_selection`), its picks turned into pages through
 its slot's table, and one page-gather delta per projection (`delta.lora_add`) over all tokens of the mixed batch.
-Base tokens and layers a checkpoint does not adapt read no page. Admission (`admit`) keeps every checkpoint within
-`1/max_loras` of each store, so the checkpoints of any step always fit at once.
+Base tokens and layers a checkpoint does not adapt read no page. Admission (`admit`, `sizing.admission_problems`)
+keeps every checkpoint within `1/max_loras` of each store, so the checkpoints of any step always fit at once.
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ from remix_serve.checkpoint import (
 )
 from remix_serve.vllm_plugin.counters import real_token_mask
 from remix_serve.vllm_plugin.pool import delta, vllm_hooks
-from remix_serve.vllm_plugin.pool.pages import PROJECTIONS, STORE_OF, LoraLayout, PagePool, PoolError, page_rows
-from remix_serve.vllm_plugin.pool.sizing import pages_needed
+from remix_serve.vllm_plugin.pool.pages import PROJECTIONS, STORE_OF, LoraLayout, PagePool, page_rows
+from remix_serve.vllm_plugin.pool.sizing import admission_problems
 from remix_serve.vllm_plugin.spec import PoolSettings, RemixOverrides
 
-SIZE_HINT = "raise --pool-size or lower --max-loras"
+SIZE_HINT = "raise --pool-size or lower --max-loras"  # said in PagePool's errors
 
 
 def served_fingerprint(vllm_config: VllmConfig) -> BaseFingerprint:
@@ -111,28 +111,12 @@ class AdapterPool(nn.Module):
     # --- admission and slots (outside any forward) ---
 
     def admit(self, ckpt: Checkpoint, name: str) -> None:
-        """Check that `ckpt` can be served by this pool and base: CheckpointError / PoolError name every problem."""
-        cfg, s = ckpt.config, self.settings
-        problems = fingerprint_problems(cfg, self.fingerprint, f"{ckpt.path}/{CONFIG_FILE}", repr(self.model_name))
-        for what, value, limit, flag in (
-            ("n (num_loras)", cfg.num_loras, s.n_max, "--pool-max-loras-per-layer"),
-            ("k (top_k)", cfg.top_k, s.k_max, "--pool-max-top-k"),
-            ("r (rank)", cfg.rank, s.r_max, "--pool-max-rank"),
-        ):
-            if value > limit:
-                problems.append(
-                    f"checkpoint {name!r} has {what} = {value}; this server allows at most {limit} ({flag})"
-                )
+        """Check that `ckpt` can be served by this pool and base: CheckpointError names every problem."""
+        where = f"{ckpt.path}/{CONFIG_FILE}"
+        problems = fingerprint_problems(ckpt.config, self.fingerprint, where, repr(self.model_name))
+        problems += admission_problems(ckpt.config, name, self.settings, self.slots)
         if problems:
             raise CheckpointError(problems)
-        need, share = pages_needed(LoraLayout.of(cfg), s.r_page), {k: v // self.slots for k, v in s.pages.items()}
-        over = [f"{need[st]} pages of the {st} store" for st in need if need[st] > share[st]]
-        if over:
-            raise PoolError(
-                f"checkpoint {name!r} ({LoraLayout.of(cfg).describe()}) needs {' and '.join(over)}; with"
-                f" --max-loras {self.slots} a checkpoint may take at most {share} pages per store, so that every"
-                f" step's checkpoints fit at once ({SIZE_HINT})"
-            )
 
     def on_slot(self, slot: int, adapter: LoRAModel | None) -> None:
         """vLLM put `adapter` in `slot`: release the slot's previous checkpoint, then pin and map the new one."""
