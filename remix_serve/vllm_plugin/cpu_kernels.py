@@ -128,6 +128,25 @@ def pool_lora_add(
     _lib().pool_lora_add(out, x, A, B, pages, coef)
 
 
+def pool_route(
+    x: torch.Tensor,
+    routers: torch.Tensor,
+    bias: torch.Tensor,
+    k: torch.Tensor,
+    softmax: torch.Tensor,
+    slots: torch.Tensor,
+    tables: torch.Tensor,
+    k_max: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The adapter pool's routing for one layer in one op: `(pages [T, P, k_max*ppl], coef [T, k_max*ppl],
+    ids [T, k_max])`, as `AdapterPool.route`'s PyTorch ops compute them (`routing.per_token_selection` over each
+    token's own router, then its slot's page table; -1 past a token's k). About twenty PyTorch ops per layer become
+    one, and a token routes against its own router only. `routers [S, n_max, D]`, `bias [S, n_max]` (float32),
+    `k [S]`, `softmax [S]`, `tables [S, P, n_max, ppl]` are one layer's rows; `slots [T]` index them."""
+    pages, coef, ids = _lib().pool_route(x, routers, bias, k, softmax, slots, tables, k_max)
+    return pages, coef, ids
+
+
 # --- The compiled path: the kernels above as torch.library custom ops, which torch.compile keeps as opaque nodes.
 
 

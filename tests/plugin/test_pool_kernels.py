@@ -172,3 +172,54 @@ def test_pool_lora_add_op_passes_torch_library_opcheck():
     out = gate_up[:, 80:].clone()
     cpu_kernels.pool_lora_add_op(out, x, A, B, pages, coef)
     torch.testing.assert_close(out, delta.lora_add_reference(gate_up[:, 80:].clone(), x, A, B, pages, coef))
+
+
+# --- pool_route: one layer's per-token routing over the slots' routers and page tables
+
+
+def route_case(T: int, S: int, n_max: int, ppl: int, dtype: torch.dtype, seed: int = 0):
+    """Slots with different n (bias -inf past it), k (0 for the base row S-1), weighting; random tables."""
+    g = torch.Generator().manual_seed(seed)
+    D = 72
+    x = torch.randn(T, D, generator=g).to(dtype)
+    routers = torch.randn(S, n_max, D, generator=g)
+    bias = torch.zeros(S, n_max)
+    k = torch.zeros(S, dtype=torch.int64)
+    softmax = torch.zeros(S, dtype=torch.bool)
+    for s in range(S - 1):
+        n = 1 + (s * 5 + 2) % n_max
+        bias[s, n:] = float("-inf")
+        routers[s, n:] = 0.0
+        k[s] = 1 + s % min(n, 3)
+        softmax[s] = s % 2 == 1
+    routers[S - 1] = 0.0
+    routers[0, :] = routers[0, 0]  # slot 0 (n=3, k=1): equal logits, the lowest indices must win in both
+    bias[0, 3:] = float("-inf")
+    tables = torch.randint(-1, 50, (S, 3, n_max, ppl), generator=g)
+    slots = torch.randint(0, S, (T,), generator=g)
+    return x, routers, bias, k, softmax, slots, tables
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 3, 40, 200])  # T <= S and T > S take the reference's two logit paths
+@pytest.mark.parametrize("ppl", [1, 2])
+def test_pool_route_equals_reference(dtype: torch.dtype, T: int, ppl: int) -> None:
+    case = route_case(T, S=5, n_max=6, ppl=ppl, dtype=dtype, seed=T)
+    k_max = 3
+    pages, coef, ids = cpu_kernels.pool_route(*case, k_max)
+    ref_pages, ref_coef, ref_ids = delta.route_reference(*case, k_max)
+    assert torch.equal(ids, ref_ids)
+    assert torch.equal(pages, ref_pages)
+    torch.testing.assert_close(coef, ref_coef, rtol=1e-5, atol=1e-6)  # logits summed in another order
+    slots, k = case[5], case[3]
+    assert (ids[slots == 4] == -1).all() and (pages[slots == 4] == -1).all()  # the base row: no pick, no page
+    assert ((ids >= 0).sum(dim=1) == k[slots]).all()  # exactly k picks per token
+    tied = slots == 0  # slot 0's LoRAs all have the same router row: equal logits, the lowest indices win
+    assert torch.equal(ids[tied], torch.tensor([[0, -1, -1]]).expand(int(tied.sum()), 3))
+
+
+def test_pool_route_rejects_an_out_of_range_slot() -> None:
+    x, routers, bias, k, softmax, slots, tables = route_case(4, S=3, n_max=4, ppl=1, dtype=torch.float32)
+    slots[2] = 3
+    with pytest.raises(RuntimeError, match="slot 3 of token 2 is outside"):
+        cpu_kernels.pool_route(x, routers, bias, k, softmax, slots, tables, 2)

@@ -565,12 +565,103 @@ void pool_lora_add(const torch::Tensor& out, const torch::Tensor& x, const torch
 
 // A plain Python module rather than torch.ops: a call through the dispatcher costs about 20 us more the first time
 // after a GEMM has evicted its code and tables, and the plugin calls these in every layer of every decode step.
+// The adapter pool's routing for one layer (pool/model.py AdapterPool.route), every token against its own slot's
+// router: logits = routers[s] x + bias[s] (bias -inf past the checkpoint's n), the first k[s] picks by descending
+// logit (ties to the lowest index), weights 1 or the renormalised softmax over the picks (softmax[s]), and each
+// pick's pages from tables[s]. Returns pages [T, 3, k_max * ppl] (int64, -1 = none), coef [T, k_max * ppl]
+// (float32, each pick's weight on its pages), ids [T, k_max] (int64, -1 past k[s]). A token with k[s] = 0 (a base
+// token, or a layer its checkpoint does not adapt) gets no pick and costs nothing.
+// routing.per_token_selection defines the math; tests/plugin/test_pool_kernels.py checks this against it.
+std::vector<torch::Tensor> pool_route(const torch::Tensor& x, const torch::Tensor& routers, const torch::Tensor& bias,
+                                      const torch::Tensor& k_, const torch::Tensor& softmax_,
+                                      const torch::Tensor& slots_, const torch::Tensor& tables, int64_t k_max) {
+  check_cpu("pool_route", {&x, &routers, &bias, &k_, &softmax_, &slots_, &tables});
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "pool_route: x must be [T, D] with contiguous rows");
+  TORCH_CHECK(routers.dim() == 3 && routers.is_contiguous() && routers.scalar_type() == at::kFloat,
+              "pool_route: routers must be a contiguous float32 [S, n_max, D]");
+  const int64_t T = x.size(0), D = x.size(1), S = routers.size(0), n_max = routers.size(1);
+  TORCH_CHECK(routers.size(2) == D, "pool_route: router width ", routers.size(2), " != x width ", D);
+  TORCH_CHECK(bias.is_contiguous() && bias.scalar_type() == at::kFloat && bias.numel() == S * n_max,
+              "pool_route: bias must be a contiguous float32 [S, n_max]");
+  TORCH_CHECK(k_.is_contiguous() && k_.scalar_type() == at::kLong && k_.numel() == S, "pool_route: k must be int64 [S]");
+  TORCH_CHECK(softmax_.is_contiguous() && softmax_.scalar_type() == at::kBool && softmax_.numel() == S,
+              "pool_route: softmax must be bool [S]");
+  TORCH_CHECK(slots_.is_contiguous() && slots_.scalar_type() == at::kLong && slots_.numel() == T,
+              "pool_route: slots must be int64 [T]");
+  TORCH_CHECK(tables.dim() == 4 && tables.is_contiguous() && tables.scalar_type() == at::kLong &&
+                  tables.size(0) == S && tables.size(2) == n_max,
+              "pool_route: tables must be a contiguous int64 [S, P, n_max, ppl]");
+  const int64_t projs = tables.size(1), ppl = tables.size(3), K = k_max * ppl;
+  const int64_t* kk = k_.data_ptr<int64_t>();
+  const int64_t* slot = slots_.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < S, "pool_route: slot ", slot[t], " of token ", t, " is outside [0, ", S, ")");
+  for (int64_t s = 0; s < S; ++s)
+    TORCH_CHECK(kk[s] >= 0 && kk[s] <= std::min(k_max, n_max), "pool_route: k=", kk[s], " of slot ", s,
+                " is outside [0, ", std::min(k_max, n_max), "]");
+  auto pages = new_cpu({T, projs, K}, at::kLong);
+  auto coef = new_cpu({T, K}, at::kFloat);
+  auto ids = new_cpu({T, k_max}, at::kLong);
+  const float *P = routers.data_ptr<float>(), *bs = bias.data_ptr<float>();
+  const bool* soft = softmax_.data_ptr<bool>();
+  const int64_t* tab = tables.data_ptr<int64_t>();
+  int64_t *pg = pages.data_ptr<int64_t>(), *id = ids.data_ptr<int64_t>();
+  float* cf = coef.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "remix_pool_route", [&] {
+    const scalar_t* X = x.data_ptr<scalar_t>();
+    const int64_t row = x.stride(0);
+    at::parallel_for(0, T, kRoutedRowsPerChunk, [&](int64_t begin, int64_t end) {
+      std::vector<float> xf(D), logits(n_max), w(k_max);
+      std::vector<char> taken(n_max);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t s = slot[t], k = kk[s];
+        std::fill(pg + t * projs * K, pg + (t + 1) * projs * K, int64_t{-1});
+        std::fill(cf + t * K, cf + (t + 1) * K, 0.f);
+        std::fill(id + t * k_max, id + (t + 1) * k_max, int64_t{-1});
+        if (k == 0) continue;
+        to_float(X + t * row, xf.data(), D);
+        dot_rows(xf.data(), P + s * n_max * D, n_max, D, logits.data());
+        for (int64_t j = 0; j < n_max; ++j) logits[j] += bs[s * n_max + j];
+        std::fill(taken.begin(), taken.end(), 0);
+        for (int64_t q = 0; q < k; ++q) {
+          int64_t best = -1;
+          for (int64_t j = 0; j < n_max; ++j)  // strict '>': on equal logits the lowest index stays
+            if (!taken[j] && (best < 0 || logits[j] > logits[best])) best = j;
+          taken[best] = 1;
+          id[t * k_max + q] = best;
+        }
+        if (soft[s]) {  // q_i = softmax(logits)_i over the valid LoRAs (exp(-inf) = 0), renormalised over the picks
+          const float top = logits[id[t * k_max]];
+          float total = 0.f, picked = 0.f;
+          for (int64_t j = 0; j < n_max; ++j) total += std::exp(logits[j] - top);
+          for (int64_t q = 0; q < k; ++q) picked += (w[q] = std::exp(logits[id[t * k_max + q]] - top) / total);
+          for (int64_t q = 0; q < k; ++q) w[q] /= picked;
+        } else {
+          std::fill(w.begin(), w.begin() + k, 1.f);
+        }
+        for (int64_t q = 0; q < k; ++q) {
+          const int64_t lora = id[t * k_max + q];
+          for (int64_t c = 0; c < ppl; ++c) {
+            cf[t * K + q * ppl + c] = w[q];
+            for (int64_t p = 0; p < projs; ++p)
+              pg[(t * projs + p) * K + q * ppl + c] = tab[((s * projs + p) * n_max + lora) * ppl + c];
+          }
+        }
+      }
+    });
+  });
+  return {pages, coef, ids};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("route", &route, "mask [T, n] and ids [T, k] of deterministic top-k routing", py::arg("x"),
         py::arg("router"), py::arg("k"));
   m.def("masked_concat", &masked_concat, "[x | h * w]", py::arg("x"), py::arg("h"), py::arg("w"), py::arg("rank"));
   m.def("shrink_concat", &shrink_concat, "[x | masked shrink of the selected LoRAs]", py::arg("x"), py::arg("A"),
         py::arg("ids"), py::arg("w"), py::arg("rank"), py::arg("silu_and_mul") = false);
+  m.def("pool_route", &pool_route, "pages, coef and ids of the adapter pool's per-token routing for one layer",
+        py::arg("x"), py::arg("routers"), py::arg("bias"), py::arg("k"), py::arg("softmax"), py::arg("slots"),
+        py::arg("tables"), py::arg("k_max"));
   m.def("pool_lora_add", &pool_lora_add, "out += the pool's per-token page delta, in place", py::arg("out"),
         py::arg("x"), py::arg("A"), py::arg("B"), py::arg("pages"), py::arg("coef"));
 }

@@ -1,21 +1,27 @@
-"""The pool's LoRA delta over pages: `out[t] += sum_q coef[t, q] * (x[t] A[p]^T) B[p]` with `p = pages[t, q]`.
+"""The pool's per-layer math in PyTorch, the reference its kernels are tested against: routing and the LoRA delta.
 
-One projection of one layer, every token of a mixed batch at once. Each token brings its own list of pages (its
-checkpoint's top-k LoRAs, `ceil(r / r_page)` rank-chunk pages each) and a coefficient per page (1 for ReMix, whose
-omega is folded into B; the renormalised softmax weight for softmax checkpoints); page -1 is skipped, so base-model
-tokens and unused picks cost nothing. Work per token is `K * r_page * (in + out)` whatever the checkpoints' n.
+`route_reference`: each token is routed with its own slot's router (`routing.per_token_selection`), and its picks
+become pages through its slot's page table. `lora_add_reference`: the LoRA delta over pages,
+`out[t] += sum_q coef[t, q] * (x[t] A[p]^T) B[p]` with `p = pages[t, q]`, for one projection of one layer and every
+token of a mixed batch at once. Each token brings its own pages (its checkpoint's top-k LoRAs, `ceil(r / r_page)`
+rank-chunk pages each) and a coefficient per page (1 for ReMix, whose omega is folded into B; the renormalised
+softmax weight for softmax checkpoints); page -1 is skipped, so base-model tokens and unused picks cost nothing.
+Work per token is `K * r_page * (in + out)` whatever the checkpoints' n.
 
-Store layout (`PoolStores` in `pool/model.py` allocates it once): `A [P, r_page, in]` holds rank rows of A, and
+Store layout (`AdapterPool` in `pool/model.py` allocates it once): `A [P, r_page, in]` holds rank rows of A, and
 `B [P, r_page, out]` the matching columns of omega * B, transposed so that the expand reads contiguous rows.
 
-`lora_add` uses the CPU gather kernel (`cpu_kernels.pool_lora_add`, csrc/remix_cpu.cpp) where it is built and the
-tensors are on the CPU, else `lora_add_reference`, the PyTorch reference every kernel is tested against.
+The CPU kernels (csrc/remix_cpu.cpp) meet these contracts: `cpu_kernels.pool_route` and `cpu_kernels.pool_lora_add`;
+`lora_add` picks the kernel where it is built and the tensors are on the CPU, else the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
+from remix_serve import routing
+
+PROJECTIONS = 3  # gate, up, down: the page table's second axis
 REFERENCE_CHUNK = 256  # tokens per gather in the reference: bounds its [chunk, r_page, in] copies
 
 
@@ -59,3 +65,44 @@ def lora_add(
         cpu_kernels.pool_lora_add(out, x, A, B, pages, coef)
         return out
     return lora_add_reference(out, x, A, B, pages, coef)
+
+
+def route_reference(
+    x: torch.Tensor,
+    routers: torch.Tensor,
+    bias: torch.Tensor,
+    k: torch.Tensor,
+    softmax: torch.Tensor,
+    slots: torch.Tensor,
+    tables: torch.Tensor,
+    k_max: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's routing for a mixed batch: `(pages [T, 3, k_max*ppl], coef [T, k_max*ppl], ids [T, k_max])`.
+
+    Args:
+        x: `[T, D]` the layer's MLP input.
+        routers: `[S, n_max, D]` float32, each slot's router (zero rows past its n).
+        bias: `[S, n_max]` float32, 0 on a slot's LoRAs and -inf past its n.
+        k: `[S]` int64, each slot's k in this layer (0: no LoRA, e.g. the base row or a layer it does not adapt).
+        softmax: `[S]` bool, the slot's weighting is `softmax`.
+        slots: `[T]` int64 each token's slot.
+        tables: `[S, 3, n_max, ppl]` int64 page ids per (slot, projection, LoRA, rank chunk), -1 = none.
+        k_max: picks per token.
+
+    Returns:
+        pages (-1 = none), each page's coefficient (its pick's weight), and the picks (-1 past the token's k).
+    """
+    T, S, n_max = x.shape[0], routers.shape[0], routers.shape[1]
+    ppl = tables.shape[-1]
+    if T <= S:  # each token against its own router only: T n_max D multiply-adds
+        logits = torch.bmm(routers[slots], x.float()[:, :, None])[:, :, 0]
+    else:  # one GEMM over every slot's router, then each token's block: fewer, larger reads
+        logits_all = routing.router_logits(x, routers.view(-1, routers.shape[-1])).view(T, S, n_max)
+        logits = logits_all.gather(1, slots.view(T, 1, 1).expand(T, 1, n_max))[:, 0]
+    k_tok = k[slots]
+    ids, weights = routing.per_token_selection(logits + bias[slots], k_tok, softmax[slots], k_max)
+    used = torch.arange(k_max, device=x.device)[None, :] < k_tok[:, None]  # [T, k_max]
+    rows = tables[slots]  # [T, 3, n_max, ppl]
+    pages = rows.gather(2, ids.view(T, 1, k_max, 1).expand(T, PROJECTIONS, k_max, ppl))
+    pages = torch.where(used.view(T, 1, k_max, 1), pages, -1).view(T, PROJECTIONS, k_max * ppl)
+    return pages, weights.repeat_interleave(ppl, dim=1), torch.where(used, ids, -1)

@@ -39,7 +39,6 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
-from remix_serve import routing
 from remix_serve.checkpoint import (
     CONFIG_FILE,
     BaseFingerprint,
@@ -49,6 +48,7 @@ from remix_serve.checkpoint import (
     router_name,
     tensor_name,
 )
+from remix_serve.vllm_plugin import cpu_kernels
 from remix_serve.vllm_plugin.counters import real_token_mask
 from remix_serve.vllm_plugin.pool import delta, vllm_hooks
 from remix_serve.vllm_plugin.pool.pages import PROJECTIONS, STORE_OF, LoraLayout, PagePool, page_rows
@@ -98,13 +98,14 @@ class AdapterPool(nn.Module):
         self.register_buffer("activations", torch.zeros(S + 1, L, n_max, dtype=torch.int64), persistent=False)
         self.register_buffer("routed", torch.zeros(S + 1, L, dtype=torch.int64), persistent=False)
         self.pages = PagePool(settings.pages, r_page, SIZE_HINT)
+        self.cpu_kernels = current_platform.is_cpu() and cpu_kernels.available()
         self.checkpoints: dict[str, Checkpoint] = {}  # known (resident or on host), by adapter name
         self.slot_names: list[str | None] = [None] * S
         self.totals: dict[str, dict[str, torch.Tensor]] = {}  # counts flushed from slots, by name
         # Per forward: each token's slot (S = base), the slots present, and each layer's picks to count
         self.step_slots: torch.Tensor | None = None
         self.present: set[int] = set()
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (layer, ids [T, k_max]) to count at the end
         self.trace: list[dict[str, int]] | None = None  # set_trace
         self.step_pages: list[torch.Tensor] = []
 
@@ -219,25 +220,18 @@ class AdapterPool(nn.Module):
         )
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's pages `[T, 3, K]` (K = k_max * pages_per_lora, -1 = none) and their weights `[T, K]`."""
-        slots, T = self.step_slots, x.shape[0]
-        n_max, routers = self.settings.n_max, self.routers[layer]  # [S+1, n_max, D]
-        if x.shape[0] <= self.slots:  # each token against its own router only: T n_max D multiply-adds
-            logits = torch.bmm(routers[slots], x.float()[:, :, None])[:, :, 0]
-        else:  # one GEMM over every slot's router, then each token's block: fewer, larger reads
-            logits_all = routing.router_logits(x, routers.view(-1, self.D)).view(T, self.slots + 1, n_max)
-            logits = logits_all.gather(1, slots.view(T, 1, 1).expand(T, 1, n_max))[:, 0]
-        logits = logits + self.bias[layer][slots]
-        ids, weights = routing.per_token_selection(logits, self.k[layer][slots], self.softmax[slots], self.k_max)
-        self.pending.append((layer, ids, weights))
-        ppl = self.pages_per_lora
-        rows = self.tables[layer][slots]  # [T, 3, n_max, ppl]
-        pages = rows.gather(2, ids.view(T, 1, self.k_max, 1).expand(T, len(PROJECTIONS), self.k_max, ppl))
-        used = (weights != 0).view(T, 1, self.k_max, 1)
-        pages = torch.where(used, pages, -1).view(T, len(PROJECTIONS), self.k_max * ppl)
+        """Each token's pages `[T, 3, K]` (K = k_max * pages_per_lora, -1 = none) and their weights `[T, K]`.
+
+        One fused op on the CPU (`cpu_kernels.pool_route`), else its PyTorch reference (`delta.route_reference`)."""
+        route = cpu_kernels.pool_route if self.cpu_kernels else delta.route_reference
+        pages, coef, ids = route(
+            x, self.routers[layer], self.bias[layer], self.k[layer], self.softmax, self.step_slots, self.tables[layer],
+            self.k_max,
+        )  # fmt: skip
+        self.pending.append((layer, ids))
         if self.trace is not None:
             self.step_pages.append(pages)
-        return pages, weights.repeat_interleave(ppl, dim=1)
+        return pages, coef
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor, store: str, pages: torch.Tensor, coef: torch.Tensor):
         delta.lora_add(out, x, getattr(self, f"A_{store}"), getattr(self, f"B_{store}"), pages, coef)
@@ -272,8 +266,8 @@ class AdapterPool(nn.Module):
         real = real_token_mask(T, slots.device)
         real = torch.zeros(T, dtype=torch.bool, device=slots.device) if real is None else real
         L, n_max = self.num_layers, self.settings.n_max
-        for layer, ids, weights in self.pending:
-            used = (weights != 0) & real[:, None]  # [T, k_max]
+        for layer, ids in self.pending:
+            used = (ids >= 0) & real[:, None]  # [T, k_max]
             flat = (slots[:, None] * L + layer) * n_max + ids
             self.activations.view(-1).index_add_(0, flat[used], torch.ones_like(flat[used]))
             routed = used.any(dim=1)
@@ -368,7 +362,6 @@ class PoolModelMixin(vllm_hooks.SlotEventsMixin):
                 decoder.mlp = PoolMLP(
                     vllm_config=vllm_config, layer=layer, pool=self.remix_pool, prefix=f"{layers_prefix}.{layer}.mlp"
                 )
-        self.remix_on_cpu = current_platform.is_cpu()
 
     def remix_on_slot(self, slot: int, adapter: LoRAModel | None) -> None:
         self.remix_pool.manager = self.lora_manager
