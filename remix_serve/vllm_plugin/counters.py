@@ -50,6 +50,57 @@ def _(activations: torch.Tensor, slot: int, ids: torch.Tensor, real: torch.Tenso
     return None
 
 
+def count_picks(
+    activations: torch.Tensor,
+    routed: torch.Tensor,
+    layers: torch.Tensor,
+    slots: torch.Tensor,
+    ids: torch.Tensor,
+    real: torch.Tensor,
+) -> None:
+    """The multi-checkpoint pool's counts: per (slot, layer), the real tokens that picked each LoRA and that were
+    routed. Static shapes (unused picks and padding add 0), so it also runs inside a compiled graph.
+
+    Args:
+        activations: `[S, L, n_max]` int64 totals; routed: `[S, L]` int64 totals.
+        layers: `[Lp]` int64, the layer of each row of `ids`.
+        slots: `[>=T]` int64 each token's slot; real: `[>=T]` int64, 1 for a real token.
+        ids: `[Lp, T, k_max]` int64 picks, -1 past a token's k.
+    """
+    Lp, T, k_max = ids.shape
+    L, n_max = activations.shape[1], activations.shape[2]
+    used = (ids >= 0) & real[:T].bool()[None, :, None]  # [Lp, T, k_max]
+    cell = slots[:T][None, :] * L + layers[:, None]  # [Lp, T]: the (slot, layer) row of each token
+    flat = cell[:, :, None] * n_max + ids.clamp(min=0)
+    activations.view(-1).index_add_(0, flat.reshape(-1), used.reshape(-1).to(activations.dtype))
+    routed.view(-1).index_add_(0, cell.reshape(-1), used.any(dim=2).reshape(-1).to(routed.dtype))
+
+
+@torch.library.custom_op("remix::count_pool_routes", mutates_args=("activations", "routed"))
+def count_pool_routes(
+    activations: torch.Tensor,
+    routed: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    ids: torch.Tensor,
+    real: torch.Tensor,
+) -> None:
+    """`count_picks` for one layer, as one opaque node of a compiled graph that mutates the persistent totals."""
+    count_picks(activations, routed, torch.full((1,), layer, device=ids.device), slots, ids[None], real)
+
+
+@count_pool_routes.register_fake
+def _(
+    activations: torch.Tensor,
+    routed: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    ids: torch.Tensor,
+    real: torch.Tensor,
+) -> None:
+    return None
+
+
 class RoutingCounters:
     """Cumulative routing counts of one model: `[L, n]` tokens per LoRA and the tokens that were routed.
 

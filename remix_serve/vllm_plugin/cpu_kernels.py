@@ -192,14 +192,64 @@ def _(
 
 @torch.library.custom_op("remix::pool_lora_add", mutates_args=("out",))
 def pool_lora_add_op(
-    out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, pages: torch.Tensor, coef: torch.Tensor
+    out: torch.Tensor,
+    offset: int,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    pages: torch.Tensor,
+    coef: torch.Tensor,
 ) -> None:
-    """`pool_lora_add` as a custom op (mutates `out`)."""
-    _lib().pool_lora_add(out, x, A, B, pages, coef)
+    """`pool_lora_add` into columns `[offset, offset + N)` of `out` (N = B's width), as a custom op that mutates
+    `out`. The op takes the whole tensor and the offset, not a column view: a compiled graph in vLLM's backend got
+    wrong results from an op mutating a view of an intermediate (tests/plugin/test_pool_engine.py)."""
+    _lib().pool_lora_add(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef)
 
 
 @pool_lora_add_op.register_fake
 def _(
-    out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, pages: torch.Tensor, coef: torch.Tensor
+    out: torch.Tensor,
+    offset: int,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    pages: torch.Tensor,
+    coef: torch.Tensor,
 ) -> None:
     return None
+
+
+@torch.library.custom_op("remix::pool_route", mutates_args=())
+def pool_route_op(
+    x: torch.Tensor,
+    routers: torch.Tensor,
+    bias: torch.Tensor,
+    k: torch.Tensor,
+    softmax: torch.Tensor,
+    slots: torch.Tensor,
+    tables: torch.Tensor,
+    k_max: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pool_route` as a custom op."""
+    pages, coef, ids = _lib().pool_route(x, routers, bias, k, softmax, slots, tables, k_max)
+    return pages, coef, ids
+
+
+@pool_route_op.register_fake
+def _(
+    x: torch.Tensor,
+    routers: torch.Tensor,
+    bias: torch.Tensor,
+    k: torch.Tensor,
+    softmax: torch.Tensor,
+    slots: torch.Tensor,
+    tables: torch.Tensor,
+    k_max: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, projs, K = x.shape[0], tables.shape[1], k_max * tables.shape[3]
+    long = torch.int64
+    return (
+        x.new_empty(T, projs, K, dtype=long),
+        x.new_empty(T, K, dtype=torch.float32),
+        x.new_empty(T, k_max, dtype=long),
+    )

@@ -7,7 +7,10 @@ Two engines per module: a roomy pool with prefix caching on, and a pool so small
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ import torch
 from remix_serve import reference, tiny
 from remix_serve.checkpoint import ADAPTER_FILE, CONFIG_FILE
 from remix_serve.vllm_plugin import pool_engine_kwargs
+from tests.helpers import ROOT
 from tests.helpers.variants import variant
 from tests.plugin.test_plugin import PROMPTS, greedy, hf_greedy
 
@@ -211,3 +215,28 @@ def test_forget_frees_the_pages_of_a_removed_checkpoint(llm, ckpts, references):
     # the name serves again, loaded afresh
     (out,) = llm.generate(["abc"], greedy(MAX_TOKENS), lora_request=lora("b", ckpts["b"]))
     assert_matches_references([out], [lora("b", ckpts["b"])], references)
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_vllm_compile_backend_forced_on_cpu_serves_the_pool_exactly(kernels, tiny_base, ckpts, references):
+    """Mode 3 as GPU hosts run it (tests/helpers/vllm_compile_on_cpu.py), minus CUDA graphs: the pool's routing and
+    delta as custom ops (kernels on) or PyTorch (off), counted by `remix::count_pool_routes`, in vLLM's backend."""
+    env = {**os.environ, "REMIX_CPU_KERNELS": kernels}
+    named = [f"{name}={path}" for name, path in ckpts.items()]
+    cmd = [sys.executable, "-m", "tests.helpers.vllm_compile_on_cpu", "--pool", json.dumps(SETTINGS), str(tiny_base)]
+    out = subprocess.run(cmd + named, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT ") :])
+    stats = result["stats"]
+    assert stats["mode"] == 3 and stats["num_piecewise_graphs_seen"] > 1 and stats["num_inductor_compiles"] > 0, stats
+    tokens = dict.fromkeys(ckpts, 0)
+    for name, prompt, generated in result["outputs"]:
+        assert generated == hf_greedy(references[name], prompt, len(generated)), (name, prompt)
+        if name is not None:
+            tokens[name] += len(prompt) + len(generated) - 1
+    for name, got in result["counts"]["checkpoints"].items():
+        k = json.loads((ckpts[name] / CONFIG_FILE).read_text())["top_k"]
+        assert got["routed"] == [tokens[name]] * len(got["layers"]), name
+        assert [sum(a) for a in got["activations"]] == [k * tokens[name]] * len(got["layers"]), name

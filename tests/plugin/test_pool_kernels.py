@@ -168,10 +168,16 @@ def test_lora_add_dispatches_to_the_kernel_on_cpu(monkeypatch):
 def test_pool_lora_add_op_passes_torch_library_opcheck():
     """Schema (out mutated), fake implementation and dispatch agree: what torch.compile relies on to trace it."""
     gate_up, x, A, B, pages, coef = pool_case(5, 3, 4, torch.float32, seed=9)
-    torch.library.opcheck(cpu_kernels.pool_lora_add_op, (gate_up[:, 80:].clone(), x, A, B, pages, coef))
-    out = gate_up[:, 80:].clone()
-    cpu_kernels.pool_lora_add_op(out, x, A, B, pages, coef)
-    torch.testing.assert_close(out, delta.lora_add_reference(gate_up[:, 80:].clone(), x, A, B, pages, coef))
+    torch.library.opcheck(cpu_kernels.pool_lora_add_op, (gate_up.clone(), 80, x, A, B, pages, coef))
+    out = gate_up.clone()
+    cpu_kernels.pool_lora_add_op(out, 80, x, A, B, pages, coef)  # into the second half: columns 80..159
+    assert torch.equal(out[:, :80], gate_up[:, :80])
+    torch.testing.assert_close(out[:, 80:], delta.lora_add_reference(gate_up[:, 80:].clone(), x, A, B, pages, coef))
+
+
+def test_pool_route_op_passes_torch_library_opcheck():
+    case = route_case(6, S=4, n_max=5, ppl=2, dtype=torch.float32)
+    torch.library.opcheck(cpu_kernels.pool_route_op, (*case, 3))
 
 
 # --- pool_route: one layer's per-token routing over the slots' routers and page tables

@@ -41,8 +41,9 @@ def lora_add_reference(
         `out`.
     """
     T, K = pages.shape
-    for start in range(0, T, REFERENCE_CHUNK):
-        stop = min(start + REFERENCE_CHUNK, T)
+    compiling = torch.compiler.is_compiling()  # one graph serves every batch size: one chunk, whatever T
+    for start in [0] if compiling else range(0, T, REFERENCE_CHUNK):
+        stop = T if compiling else min(start + REFERENCE_CHUNK, T)
         p, c = pages[start:stop], coef[start:stop].float()
         c = torch.where(p >= 0, c, torch.zeros_like(c))
         p = p.clamp(min=0)
@@ -94,7 +95,7 @@ def route_reference(
     """
     T, S, n_max = x.shape[0], routers.shape[0], routers.shape[1]
     ppl = tables.shape[-1]
-    if T <= S:  # each token against its own router only: T n_max D multiply-adds
+    if T <= S and not torch.compiler.is_compiling():  # each token against its own router only: T n_max D MACs
         logits = torch.bmm(routers[slots], x.float()[:, :, None])[:, :, 0]
     else:  # one GEMM over every slot's router, then each token's block: fewer, larger reads
         logits_all = routing.router_logits(x, routers.view(-1, routers.shape[-1])).view(T, S, n_max)

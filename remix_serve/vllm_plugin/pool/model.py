@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from vllm.config import VllmConfig
+from vllm.config import CompilationMode, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.lora.lora_model import LoRAModel
 from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaMLP
@@ -49,7 +49,7 @@ from remix_serve.checkpoint import (
     tensor_name,
 )
 from remix_serve.vllm_plugin import cpu_kernels
-from remix_serve.vllm_plugin.counters import real_token_mask
+from remix_serve.vllm_plugin.counters import count_picks, real_token_mask
 from remix_serve.vllm_plugin.pool import delta, vllm_hooks
 from remix_serve.vllm_plugin.pool.pages import PROJECTIONS, STORE_OF, LoraLayout, PagePool, page_rows
 from remix_serve.vllm_plugin.pool.sizing import admission_problems
@@ -102,10 +102,15 @@ class AdapterPool(nn.Module):
         self.checkpoints: dict[str, Checkpoint] = {}  # known (resident or on host), by adapter name
         self.slot_names: list[str | None] = [None] * S
         self.totals: dict[str, dict[str, torch.Tensor]] = {}  # counts flushed from slots, by name
-        # Per forward: each token's slot (S = base), the slots present, and each layer's picks to count
-        self.step_slots: torch.Tensor | None = None
-        self.present: set[int] = set()
-        self.pending: list[tuple[int, torch.Tensor]] = []  # (layer, ids [T, k_max]) to count at the end
+        # Per forward, in persistent buffers that a compiled graph reads (a new tensor per step would recompile it):
+        # each token's slot (S = base) and whether it is a real token (1) or padding / a dummy run (0)
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.register_buffer("step_slots", torch.full((max_tokens,), S, dtype=torch.int64), persistent=False)
+        self.register_buffer("real", torch.zeros(max_tokens, dtype=torch.int64), persistent=False)
+        self.compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
+        self.num_tokens = 0
+        self.present: set[int] = set()  # eager CPU: the slots this forward's tokens use (skip the rest)
+        self.pending: list[tuple[int, torch.Tensor]] = []  # eager: (layer, ids [T, k_max]) to count at the end
         self.trace: list[dict[str, int]] | None = None  # set_trace
         self.step_pages: list[torch.Tensor] = []
 
@@ -200,18 +205,30 @@ class AdapterPool(nn.Module):
     # --- forward ---
 
     def begin(self, slots: torch.Tensor) -> None:
-        """Start a forward: `slots [T]` from vLLM (-1 = base). Counts real tokens only (counters.real_token_mask)."""
-        S = self.slots
-        self.step_slots = torch.where(slots < 0, S, slots)
-        self.pending = []
-        # On the CPU the slots are host tensors: skip the bank where no token needs it. Elsewhere, assume all.
-        self.present = set(self.step_slots.unique().tolist()) - {S} if slots.device.type == "cpu" else set(range(S))
-        if not self.present:
-            self.step_slots = None
+        """Start a forward: `slots [T]` from vLLM (-1 = base) into the persistent buffers, tensor ops only (a full
+        CUDA graph captures them). Only real tokens count (counters.real_token_mask)."""
+        T = slots.shape[0]
+        if self.step_slots.numel() < T:
+            raise ValueError(f"a forward of {T} tokens exceeds max_num_batched_tokens={self.step_slots.numel()}")
+        self.num_tokens = T
+        self.step_slots[:T] = torch.where(slots < 0, self.slots, slots)
+        mask = real_token_mask(T, slots.device)
+        if mask is None:
+            self.real[:T].zero_()
+        else:
+            self.real[:T].copy_(mask)
+        self.pending, self.step_pages = [], []
+        # Eager on the CPU the slots are host tensors: skip the bank in layers no token's checkpoint adapts.
+        eager_cpu = slots.device.type == "cpu" and not self.compiled
+        self.present = (
+            set(self.step_slots[:T].unique().tolist()) - {self.slots} if eager_cpu else set(range(self.slots))
+        )
 
     def layer_active(self, layer: int, proj: str) -> bool:
-        if self.step_slots is None:
-            return False
+        """Whether a token of this forward may need `proj`'s bank in `layer`. Compiled, always (evaluated once, at
+        trace time; the page tables then skip what is not needed)."""
+        if torch.compiler.is_compiling():
+            return True
         return any(
             (name := self.slot_names[s]) is not None
             and layer in self.checkpoints[name].config.adapted_layers
@@ -222,25 +239,40 @@ class AdapterPool(nn.Module):
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's pages `[T, 3, K]` (K = k_max * pages_per_lora, -1 = none) and their weights `[T, K]`.
 
-        One fused op on the CPU (`cpu_kernels.pool_route`), else its PyTorch reference (`delta.route_reference`)."""
-        route = cpu_kernels.pool_route if self.cpu_kernels else delta.route_reference
-        pages, coef, ids = route(
-            x, self.routers[layer], self.bias[layer], self.k[layer], self.softmax, self.step_slots, self.tables[layer],
-            self.k_max,
-        )  # fmt: skip
+        One fused op on the CPU (`cpu_kernels.pool_route`), else its PyTorch reference (`delta.route_reference`);
+        compiled, the op's custom-op form and one counting op per layer (`counters.count_pool_routes`)."""
+        T = x.shape[0]
+        args = (x, self.routers[layer], self.bias[layer], self.k[layer], self.softmax, self.step_slots[:T],
+                self.tables[layer], self.k_max)  # fmt: skip
+        if torch.compiler.is_compiling():
+            route = cpu_kernels.pool_route_op if self.cpu_kernels else delta.route_reference
+            pages, coef, ids = route(*args)
+            torch.ops.remix.count_pool_routes(self.activations, self.routed, layer, self.step_slots, ids, self.real)
+            return pages, coef
+        pages, coef, ids = (cpu_kernels.pool_route if self.cpu_kernels else delta.route_reference)(*args)
         self.pending.append((layer, ids))
         if self.trace is not None:
             self.step_pages.append(pages)
         return pages, coef
 
-    def add_delta(self, out: torch.Tensor, x: torch.Tensor, store: str, pages: torch.Tensor, coef: torch.Tensor):
-        delta.lora_add(out, x, getattr(self, f"A_{store}"), getattr(self, f"B_{store}"), pages, coef)
+    def add_delta(
+        self, out: torch.Tensor, offset: int, x: torch.Tensor, store: str, pages: torch.Tensor, coef: torch.Tensor
+    ) -> None:
+        """Add the delta of `store`'s pages into columns `[offset, offset + N)` of `out`, in place."""
+        A, B = getattr(self, f"A_{store}"), getattr(self, f"B_{store}")
+        if torch.compiler.is_compiling() and self.cpu_kernels:
+            cpu_kernels.pool_lora_add_op(out, offset, x, A, B, pages, coef)
+        else:
+            delta.lora_add(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef)
 
     def set_trace(self, on: bool) -> list[dict[str, int]] | None:
         """Start (on) or stop tracing; stopping returns, per forward with ReMix tokens, its tokens and the distinct
         pages of each store that its tokens selected, over every layer: what a step must read beyond the base
-        weights (bench/serve_multi.py prints it beside each decode figure). A host sync per forward: off by default.
+        weights (bench/serve_multi.py prints it beside each decode figure). A host sync per forward: off by default,
+        and eager engines only (a compiled graph does not run the Python that keeps the pages).
         """
+        if self.compiled:
+            raise RuntimeError("remix_pool_trace needs an eager engine (enforce_eager=True)")
         out, self.trace = self.trace, ([] if on else None)
         return None if on else out
 
@@ -251,28 +283,23 @@ class AdapterPool(nn.Module):
             store: int(torch.cat([t.reshape(-1) for t in parts]).unique().ge(0).sum()) if parts else 0
             for store, parts in (("gate_up", gate_up), ("down", down))
         }
-        self.trace.append({"tokens": int(self.step_slots.shape[0]), **distinct})
+        self.trace.append({"tokens": self.num_tokens, **distinct})
 
     def end(self) -> None:
-        """Count this forward's picks per slot: real tokens, used picks, in one scatter-add."""
-        if self.trace is not None and self.step_slots is not None:
+        """Eager: count this forward's picks (real tokens, used picks) of every layer in one scatter-add."""
+        if self.trace is not None and self.step_pages:
             self._trace_step()
-        self.step_pages = []
-        if self.step_slots is None or not self.pending:
-            self.step_slots = None
-            return
-        slots = self.step_slots
-        T = slots.shape[0]
-        real = real_token_mask(T, slots.device)
-        real = torch.zeros(T, dtype=torch.bool, device=slots.device) if real is None else real
-        L, n_max = self.num_layers, self.settings.n_max
-        for layer, ids in self.pending:
-            used = (ids >= 0) & real[:, None]  # [T, k_max]
-            flat = (slots[:, None] * L + layer) * n_max + ids
-            self.activations.view(-1).index_add_(0, flat[used], torch.ones_like(flat[used]))
-            routed = used.any(dim=1)
-            self.routed[:, layer].index_add_(0, slots[routed], torch.ones_like(slots[routed]))
-        self.pending, self.step_slots = [], None
+        if self.pending:
+            layers = torch.tensor([layer for layer, _ in self.pending], device=self.real.device)
+            count_picks(
+                self.activations,
+                self.routed,
+                layers,
+                self.step_slots,
+                torch.stack([i for _, i in self.pending]),
+                self.real,
+            )
+        self.pending, self.step_pages = [], []
 
     # --- counts, read by the worker extension ---
 
@@ -335,14 +362,13 @@ class PoolMLP(LlamaMLP):
         active = {proj: pool.layer_active(layer, proj) for proj in PROJECTIONS}
         if any(active.values()):
             pages, coef = pool.route(layer, x)
-            inter = gate_up.shape[1] // 2
             for half, proj in enumerate(("gate_proj", "up_proj")):
                 if active[proj]:
-                    pool.add_delta(gate_up[:, half * inter : (half + 1) * inter], x, "gate_up", pages[:, half], coef)
+                    pool.add_delta(gate_up, half * gate_up.shape[1] // 2, x, "gate_up", pages[:, half], coef)
         act = self.act_fn(gate_up)
         out, _ = self.down_proj(act)
         if active["down_proj"]:
-            pool.add_delta(out, act, "down", pages[:, 2], coef)
+            pool.add_delta(out, 0, act, "down", pages[:, 2], coef)
         return out
 
 
