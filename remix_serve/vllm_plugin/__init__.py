@@ -31,13 +31,14 @@ def register() -> None:
     """
     from vllm import ModelRegistry
 
-    from remix_serve.vllm_plugin.pool import vllm_hooks
+    from remix_serve.vllm_plugin.pool import resolver, vllm_hooks
 
     supported = ModelRegistry.get_supported_archs()
     for arch, target in ARCHITECTURES.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
     vllm_hooks.install()
+    resolver.register_from_env()  # remix-serve --adapter-dir: checkpoints found by folder name on first request
 
 
 def remix_architecture(base_architectures: list[str], pool: bool = False) -> str:

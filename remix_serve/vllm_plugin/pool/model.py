@@ -40,22 +40,12 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from remix_serve import routing
-from remix_serve.checkpoint import (
-    CONFIG_FILE,
-    BaseFingerprint,
-    Checkpoint,
-    CheckpointError,
-    fingerprint_problems,
-    router_name,
-    tensor_name,
-)
+from remix_serve.checkpoint import CONFIG_FILE, BaseFingerprint, Checkpoint, router_name, tensor_name
 from remix_serve.vllm_plugin.counters import real_token_mask
 from remix_serve.vllm_plugin.pool import delta, vllm_hooks
-from remix_serve.vllm_plugin.pool.pages import PROJECTIONS, STORE_OF, LoraLayout, PagePool, PoolError, page_rows
-from remix_serve.vllm_plugin.pool.sizing import pages_needed
+from remix_serve.vllm_plugin.pool.admission import SIZE_HINT, check_admission
+from remix_serve.vllm_plugin.pool.pages import PROJECTIONS, STORE_OF, LoraLayout, PagePool, page_rows
 from remix_serve.vllm_plugin.spec import PoolSettings, RemixOverrides
-
-SIZE_HINT = "raise --pool-size or lower --max-loras"
 
 
 def served_fingerprint(vllm_config: VllmConfig) -> BaseFingerprint:
@@ -109,28 +99,10 @@ class AdapterPool(nn.Module):
     # --- admission and slots (outside any forward) ---
 
     def admit(self, ckpt: Checkpoint, name: str) -> None:
-        """Check that `ckpt` can be served by this pool and base: CheckpointError / PoolError name every problem."""
-        cfg, s = ckpt.config, self.settings
-        problems = fingerprint_problems(cfg, self.fingerprint, f"{ckpt.path}/{CONFIG_FILE}", repr(self.model_name))
-        for what, value, limit, flag in (
-            ("n (num_loras)", cfg.num_loras, s.n_max, "--pool-max-loras-per-layer"),
-            ("k (top_k)", cfg.top_k, s.k_max, "--pool-max-top-k"),
-            ("r (rank)", cfg.rank, s.r_max, "--pool-max-rank"),
-        ):
-            if value > limit:
-                problems.append(
-                    f"checkpoint {name!r} has {what} = {value}; this server allows at most {limit} ({flag})"
-                )
-        if problems:
-            raise CheckpointError(problems)
-        need, share = pages_needed(LoraLayout.of(cfg), s.r_page), {k: v // self.slots for k, v in s.pages.items()}
-        over = [f"{need[st]} pages of the {st} store" for st in need if need[st] > share[st]]
-        if over:
-            raise PoolError(
-                f"checkpoint {name!r} ({LoraLayout.of(cfg).describe()}) needs {' and '.join(over)}; with"
-                f" --max-loras {self.slots} a checkpoint may take at most {share} pages per store, so that every"
-                f" step's checkpoints fit at once ({SIZE_HINT})"
-            )
+        """Check that `ckpt` can be served by this pool and base: CheckpointError / PoolError name every problem
+        (the rule is `admission.check_admission`, shared with the API server's load checks)."""
+        check_admission(ckpt.config, name, self.settings, self.slots, self.fingerprint,
+                        where=f"{ckpt.path}/{CONFIG_FILE}", base=repr(self.model_name))  # fmt: skip
 
     def on_slot(self, slot: int, adapter: LoRAModel | None) -> None:
         """vLLM put `adapter` in `slot`: release the slot's previous checkpoint, then pin and map the new one."""
