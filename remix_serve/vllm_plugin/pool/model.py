@@ -104,6 +104,7 @@ class AdapterPool(nn.Module):
         check_admission(ckpt.config, name, self.settings, self.slots, self.fingerprint,
                         where=f"{ckpt.path}/{CONFIG_FILE}", base=repr(self.model_name))  # fmt: skip
 
+    @torch.inference_mode()
     def on_slot(self, slot: int, adapter: LoRAModel | None) -> None:
         """vLLM put `adapter` in `slot`: release the slot's previous checkpoint, then pin and map the new one."""
         self._release(slot)
@@ -122,6 +123,7 @@ class AdapterPool(nn.Module):
         self._write_slot(slot, res.pages, ckpt)
         self.slot_names[slot] = name
 
+    @torch.inference_mode()
     def forget(self, name: str) -> bool:
         """Free a checkpoint's pages for real and forget it (after vLLM removed the adapter); False if unknown.
 
@@ -243,6 +245,9 @@ class AdapterPool(nn.Module):
     # --- counts, read by the worker extension ---
 
     def _flush_counts(self, slot: int, name: str) -> None:
+        # Runs inside a step (vLLM activates adapters under inference mode) or from an RPC (add_lora, remove via
+        # forget), always under inference mode (the callers' decorator): `totals` are inference tensors, and an
+        # in-place add to them outside inference mode would raise.
         zeros = {
             "activations": torch.zeros_like(self.activations[0].cpu()),
             "routed": torch.zeros_like(self.routed[0].cpu()),
@@ -274,6 +279,7 @@ class AdapterPool(nn.Module):
             }
         return out
 
+    @torch.inference_mode()
     def reset_counts(self) -> None:
         self.totals.clear()
         self.activations.zero_()
