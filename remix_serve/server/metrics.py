@@ -161,6 +161,16 @@ class UsagePoller:
         self.collector.snapshot = await read_usage(self.engine_client)
         return self.collector.snapshot
 
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the engine may be starting or shutting down: keep the last snapshot
+                logger.debug("remix usage poll failed", exc_info=True)
+            await asyncio.sleep(self.interval)
+
 
 class PoolPoller(UsagePoller):
     """Pool mode: every checkpoint's counters (`remix_counts` -> {"checkpoints": {name: ...}}) and the pool's
@@ -174,16 +184,6 @@ class PoolPoller(UsagePoller):
         self.collector.snapshots = {name: UsageSnapshot.from_rpc([c]) for name, c in counts.items()}
         self.collector.stats = stats
         return self.collector.snapshots
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the engine may be starting or shutting down: keep the last snapshot
-                logger.debug("remix usage poll failed", exc_info=True)
-            await asyncio.sleep(self.interval)
 
 
 def register_collector(collector: Collector) -> None:
