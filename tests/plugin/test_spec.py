@@ -24,9 +24,10 @@ def test_what_hf_overrides_writes_the_model_and_the_endpoint_read():
     ("remix", "expected"),
     [
         (None, "remix: Input should be a valid dictionary"),
-        ({}, "checkpoint: Field required"),
+        ({}, "exactly one of 'checkpoint' and 'pool' must be given"),
         ({"checkpoint": ""}, "checkpoint: String should have at least 1 character"),
-        ({"checkpoint": "/a", "pool": 3}, "pool: Extra inputs are not permitted"),
+        ({"checkpoint": "/a", "pool": 3}, "pool: Input should be a valid dictionary or instance of PoolSettings"),
+        ({"checkpoint": "/a", "other": 1}, "other: Extra inputs are not permitted"),
     ],
 )
 def test_a_bad_spec_names_the_problem_and_the_value(remix, expected):
