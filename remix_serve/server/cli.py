@@ -162,12 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         from remix_serve.server import pool_cli
 
         try:
-            argv_for_vllm, env = pool_cli.pool_vllm_argv(args, passthrough)
+            argv_for_vllm, env = pool_cli.pool_vllm_argv(args)
         except pool_cli.StartupError as e:
             print(f"remix-serve: {e}", file=sys.stderr)
             sys.exit(EXIT_BAD_CHECKPOINT)
         os.environ.update(env)
-        serve(argv_for_vllm, show_paths=args.show_adapter_paths)
+        serve(argv_for_vllm + server_argv(args, passthrough), show_paths=args.show_adapter_paths)
         return
     if not args.adapter:
         print("remix-serve: give a checkpoint with --adapter PATH (or --adapter-dir DIR)", file=sys.stderr)

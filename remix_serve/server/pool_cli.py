@@ -82,9 +82,9 @@ def default_max_loras(count: int) -> int:
     return max(1, min(MAX_LORAS_DEFAULT_CAP, count))
 
 
-def pool_vllm_argv(args: argparse.Namespace, passthrough: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Validate pool mode's checkpoints and flags; return vLLM's argv and the environment to set."""
-    from remix_serve.server.cli import server_argv
+def pool_vllm_argv(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """Validate pool mode's checkpoints and flags; return vLLM's model and LoRA flags (the CLI adds the flags both
+    modes share) and the environment to set."""
     from remix_serve.vllm_plugin import pool_engine_kwargs
     from remix_serve.vllm_plugin.pool.sizing import plan_pool
 
@@ -208,4 +208,4 @@ def pool_vllm_argv(args: argparse.Namespace, passthrough: list[str]) -> tuple[li
     )
     # The runtime load/unload routes and LoRA resolvers only exist with this vLLM flag (the plugin checks them)
     env = {POOL_ENV: config.to_env(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
-    return argv + server_argv(args, passthrough), env
+    return argv, env
