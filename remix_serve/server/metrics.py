@@ -34,6 +34,19 @@ METRICS: dict[str, tuple[str, list[str], str]] = {
         "Effective support size of the layer's cumulative LoRA usage (1 = collapsed onto one LoRA, n = even).",
     ),
 }
+# The multi-checkpoint pool's metrics (pool mode only), from `collective_rpc("remix_pool_stats")`.
+POOL_METRICS: dict[str, tuple[str, list[str], str]] = {
+    "remix_pool_pages": (
+        "gauge",
+        ["store", "state"],
+        "Adapter pool pages of store `store` by state (used, free, total).",
+    ),
+    "remix_pool_resident_checkpoints": ("gauge", [], "Checkpoints whose LoRA banks are in the pool's device pages."),
+    "remix_pool_pinned_checkpoints": ("gauge", [], "Resident checkpoints in a vLLM LoRA slot (never evicted)."),
+    "remix_pool_loads": ("counter", [], "Checkpoints copied into the pool (first loads and reloads)."),
+    "remix_pool_reloads": ("counter", [], "Checkpoints copied into the pool again after an eviction."),
+    "remix_pool_evictions": ("counter", [], "Checkpoints evicted from the pool to host memory (LRU)."),
+}
 
 
 @dataclass
@@ -62,24 +75,63 @@ class UsageSnapshot:
         ]
 
 
+def _family(name: str, table: dict):
+    kind, labels, doc = table[name]
+    return (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=labels)
+
+
 class RemixCollector(Collector):
-    """Exposes the latest UsageSnapshot as the remix_* metrics."""
+    """Exposes the latest UsageSnapshot as the remix_* metrics (one checkpoint: single-checkpoint mode)."""
 
     def __init__(self, model_name: str):
         self.model_name = model_name
         self.snapshot = UsageSnapshot()
 
     def collect(self) -> Iterator:
-        snap, name = self.snapshot, self.model_name
-        acts = CounterMetricFamily(
-            "remix_lora_activations", METRICS["remix_lora_activations"][2], labels=METRICS["remix_lora_activations"][1]
-        )
-        routed = CounterMetricFamily(
-            "remix_routed_tokens", METRICS["remix_routed_tokens"][2], labels=METRICS["remix_routed_tokens"][1]
-        )
-        ess = GaugeMetricFamily(
-            "remix_layer_usage_ess", METRICS["remix_layer_usage_ess"][2], labels=METRICS["remix_layer_usage_ess"][1]
-        )
+        return iter(usage_families({self.model_name: self.snapshot}))
+
+
+class PoolCollector(Collector):
+    """Pool mode: the remix_* metrics of every checkpoint (`model_name` = its LoRA name) and the pool's."""
+
+    def __init__(self):
+        self.snapshots: dict[str, UsageSnapshot] = {}
+        self.stats: dict | None = None
+
+    def collect(self) -> Iterator:
+        yield from usage_families(self.snapshots)
+        stats = self.stats
+        if stats is None:
+            return
+        pages = _family("remix_pool_pages", POOL_METRICS)
+        for state in ("used", "free", "total"):
+            for store, n in stats[f"pages_{state}"].items():
+                pages.add_metric([store, state], n)
+        yield pages
+        for name, value in (
+            ("remix_pool_resident_checkpoints", len(stats["resident"])),
+            ("remix_pool_pinned_checkpoints", len(stats["pinned"])),
+            ("remix_pool_loads", stats["loads"]),
+            ("remix_pool_reloads", stats["reloads"]),
+            ("remix_pool_evictions", stats["evictions"]),
+        ):
+            family = _family(name, POOL_METRICS)
+            family.add_metric([], value)
+            yield family
+
+
+def usage_families(snapshots: dict[str, UsageSnapshot]) -> list:
+    """The remix_* usage metric families of the checkpoints in `snapshots`, by served name."""
+    acts = CounterMetricFamily(
+        "remix_lora_activations", METRICS["remix_lora_activations"][2], labels=METRICS["remix_lora_activations"][1]
+    )
+    routed = CounterMetricFamily(
+        "remix_routed_tokens", METRICS["remix_routed_tokens"][2], labels=METRICS["remix_routed_tokens"][1]
+    )
+    ess = GaugeMetricFamily(
+        "remix_layer_usage_ess", METRICS["remix_layer_usage_ess"][2], labels=METRICS["remix_layer_usage_ess"][1]
+    )
+    for name, snap in snapshots.items():
         for layer, layer_acts, layer_routed, layer_ess in zip(
             snap.layers, snap.activations, snap.routed, snap.ess(), strict=True
         ):
@@ -87,7 +139,7 @@ class RemixCollector(Collector):
                 acts.add_metric([name, str(layer), str(lora)], count)
             routed.add_metric([name, str(layer)], layer_routed)
             ess.add_metric([name, str(layer)], layer_ess)
-        yield from (acts, routed, ess)
+    return [acts, routed, ess]
 
 
 async def read_usage(engine_client) -> UsageSnapshot:
@@ -120,7 +172,21 @@ class UsagePoller:
             await asyncio.sleep(self.interval)
 
 
-def register_collector(collector: RemixCollector) -> None:
+class PoolPoller(UsagePoller):
+    """Pool mode: every checkpoint's counters (`remix_counts` -> {"checkpoints": {name: ...}}) and the pool's
+    stats (`remix_pool_stats`), in one refresh."""
+
+    collector: PoolCollector
+
+    async def refresh(self) -> dict[str, UsageSnapshot]:
+        counts = (await self.engine_client.collective_rpc("remix_counts"))[0]["checkpoints"]
+        stats = (await self.engine_client.collective_rpc("remix_pool_stats"))[0]
+        self.collector.snapshots = {name: UsageSnapshot.from_rpc([c]) for name, c in counts.items()}
+        self.collector.stats = stats
+        return self.collector.snapshots
+
+
+def register_collector(collector: Collector) -> None:
     """Register on the registry that vLLM's /metrics serves (the global one; remix_ names survive vLLM's
     clean-up of collectors named like 'vllm')."""
     with contextlib.suppress(ValueError):  # already registered in this process

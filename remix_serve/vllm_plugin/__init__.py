@@ -17,7 +17,8 @@ ARCHITECTURES: dict[str, str] = {
 }
 WORKER_EXTENSION = "remix_serve.vllm_plugin.worker.RemixWorkerExtension"
 # The one module vLLM's LoRA machinery wraps in a multi-checkpoint model (pool/vllm_hooks.py): --lora-target-modules
-ANCHOR = "remix_anchor"
+from remix_serve.vllm_plugin.spec import ANCHOR  # noqa: E402  (re-exported)
+
 # LoRA adapters kept in each worker's host cache (vLLM's --max-cpu-loras): above any realistic number of names, so
 # that a checkpoint is never read from disk again inside an engine step (it stays on host, validated, once loaded).
 MAX_CPU_LORAS = 4096
@@ -31,13 +32,14 @@ def register() -> None:
     """
     from vllm import ModelRegistry
 
-    from remix_serve.vllm_plugin.pool import vllm_hooks
+    from remix_serve.vllm_plugin.pool import resolver, vllm_hooks
 
     supported = ModelRegistry.get_supported_archs()
     for arch, target in ARCHITECTURES.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
     vllm_hooks.install()
+    resolver.register_from_env()  # remix-serve --adapter-dir: checkpoints found by folder name on first request
 
 
 def remix_architecture(base_architectures: list[str], pool: bool = False) -> str:

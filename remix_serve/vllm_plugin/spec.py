@@ -13,6 +13,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# remix-serve's pool mode passes its own settings (server/pool_cli.PoolServerConfig, JSON) to the API process's
+# plugins (the endpoint, the --adapter-dir resolver) in this environment variable.
+POOL_ENV = "REMIX_POOL_SERVER"
+# The one module vLLM's LoRA machinery wraps in a multi-checkpoint model (pool/vllm_hooks.py): --lora-target-modules.
+# Here, not in the package's __init__, so that pool/vllm_hooks.py imports it without an import cycle.
+ANCHOR = "remix_anchor"
+
 
 class PoolSettings(BaseModel):
     """The adapter pool's fixed sizes, chosen at start-up (allocated once, so vLLM's memory profiling counts them)."""

@@ -72,6 +72,12 @@ EXPECTED_DASHBOARD_METRICS = {
     "vllm:time_to_first_token_seconds",
     "vllm:inter_token_latency_seconds",
     "vllm:e2e_request_latency_seconds",
+    "remix_pool_pages",
+    "remix_pool_loads_total",
+    "remix_pool_reloads_total",
+    "remix_pool_evictions_total",
+    "remix_pool_resident_checkpoints",
+    "remix_pool_pinned_checkpoints",
 }
 
 

@@ -133,5 +133,15 @@ def exported_metric_names(exposition: str) -> set[str]:
     return names
 
 
+# Metrics only a multi-checkpoint (pool mode) server exports; a single-checkpoint server has no pool.
+POOL_METRIC_PREFIX = "remix_pool_"
+
+
+def is_pool_query(expr: str) -> bool:
+    """True for a query that selects only pool metrics (its panel is empty on a single-checkpoint server)."""
+    names = promql_metric_names(expr)
+    return bool(names) and all(n.startswith(POOL_METRIC_PREFIX) for n in names)
+
+
 def load_dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())

@@ -20,13 +20,18 @@ def free_port() -> int:
 
 
 class RemixServer:
-    """`remix-serve --adapter CKPT` on a free port; waits for /health; SIGTERM on close."""
+    """`remix-serve --adapter CKPT` on a free port; waits for /health; SIGTERM on close.
 
-    def __init__(self, adapter: Path, *extra: str, log: Path, dtype: str = "float32"):
+    `adapter` is one checkpoint (a path), several (`[path or "NAME=path", ...]`: pool mode), or None (pool mode
+    from flags in `extra` only, e.g. `--adapter-dir DIR`)."""
+
+    def __init__(self, adapter: Path | str | list | None, *extra: str, log: Path, dtype: str = "float32"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
-        argv = [sys.executable, "-m", "remix_serve.server.cli", "--adapter", str(adapter), "--port", str(self.port),
+        adapters = [] if adapter is None else adapter if isinstance(adapter, list) else [adapter]
+        adapter_flags = [arg for a in adapters for arg in ("--adapter", str(a))]
+        argv = [sys.executable, "-m", "remix_serve.server.cli", *adapter_flags, "--port", str(self.port),
                 "--dtype", dtype, "--max-model-len", "512", "--kv-cache-memory-bytes", str(128 << 20),
                 "--no-enable-prefix-caching", *extra]  # fmt: skip
         self.log = open(log, "w")  # noqa: SIM115 (closed in close())

@@ -190,16 +190,21 @@ def test_admission_errors_name_the_problem_and_disturb_nothing(llm, ckpts, refer
 
 def test_a_checkpoint_larger_than_its_share_of_the_pool_is_refused(tiny_base, tmp_path):
     from remix_serve.checkpoint import load_checkpoint
-    from remix_serve.vllm_plugin.pool.sizing import admission_problems
+    from remix_serve.vllm_plugin.pool.admission import check_admission
+    from remix_serve.vllm_plugin.pool.model import BaseFingerprint
+    from remix_serve.vllm_plugin.pool.pages import PoolError
+    from remix_serve.vllm_plugin.spec import PoolSettings
 
     cfg = load_checkpoint(variant("default").build(tmp_path / "a", tiny_base, seed=1)).config
-    assert admission_problems(cfg, "a", SETTINGS, max_loras=4) == []
-    problems = admission_problems(cfg, "a", SMALL, max_loras=4)
-    assert problems == [
+    fingerprint = BaseFingerprint(**cfg.base_fingerprint.model_dump())
+    check_admission(cfg, "a", PoolSettings(**SETTINGS), 4, fingerprint, where="a", base="tiny")  # fits
+    with pytest.raises(PoolError) as err:
+        check_admission(cfg, "a", PoolSettings(**SMALL), 4, fingerprint, where="a", base="tiny")
+    assert str(err.value) == (
         "checkpoint 'a' (n=4, r=4, 2 layers, gate_proj/up_proj/down_proj) needs 16 pages of the gate_up store and 8"
         " pages of the down store; with --max-loras 4 a checkpoint may take at most {'gate_up': 8, 'down': 4} pages"
         " per store, so that every step's checkpoints fit at once (raise --pool-size or lower --max-loras)"
-    ]
+    )
 
 
 def test_forget_frees_the_pages_of_a_removed_checkpoint(llm, ckpts, references):

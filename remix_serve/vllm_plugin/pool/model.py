@@ -18,7 +18,7 @@ evicted or never loaded: least recently used unpinned checkpoints go to host fir
 Forward, per layer: the base MLP, plus for the tokens of ReMix checkpoints one router GEMM over every slot's router,
 each token's own logits, top-k and weights (`routing.per_token_selection`), its picks turned into pages through
 its slot's table, and one page-gather delta per projection (`delta.lora_add`) over all tokens of the mixed batch.
-Base tokens and layers a checkpoint does not adapt read no page. Admission (`admit`, `sizing.admission_problems`)
+Base tokens and layers a checkpoint does not adapt read no page. Admission (`admit`, `admission.check_admission`)
 keeps every checkpoint within `1/max_loras` of each store, so the checkpoints of any step always fit at once.
 """
 
@@ -39,23 +39,13 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
-from remix_serve.checkpoint import (
-    CONFIG_FILE,
-    BaseFingerprint,
-    Checkpoint,
-    CheckpointError,
-    fingerprint_problems,
-    router_name,
-    tensor_name,
-)
+from remix_serve.checkpoint import CONFIG_FILE, BaseFingerprint, Checkpoint, router_name, tensor_name
 from remix_serve.vllm_plugin import cpu_kernels
 from remix_serve.vllm_plugin.counters import count_picks, real_token_mask
 from remix_serve.vllm_plugin.pool import delta, vllm_hooks
+from remix_serve.vllm_plugin.pool.admission import SIZE_HINT, check_admission
 from remix_serve.vllm_plugin.pool.pages import PROJECTIONS, STORE_OF, LoraLayout, PagePool, page_rows
-from remix_serve.vllm_plugin.pool.sizing import admission_problems
 from remix_serve.vllm_plugin.spec import PoolSettings, RemixOverrides
-
-SIZE_HINT = "raise --pool-size or lower --max-loras"  # said in PagePool's errors
 
 
 def served_fingerprint(vllm_config: VllmConfig) -> BaseFingerprint:
@@ -117,13 +107,12 @@ class AdapterPool(nn.Module):
     # --- admission and slots (outside any forward) ---
 
     def admit(self, ckpt: Checkpoint, name: str) -> None:
-        """Check that `ckpt` can be served by this pool and base: CheckpointError names every problem."""
-        where = f"{ckpt.path}/{CONFIG_FILE}"
-        problems = fingerprint_problems(ckpt.config, self.fingerprint, where, repr(self.model_name))
-        problems += admission_problems(ckpt.config, name, self.settings, self.slots)
-        if problems:
-            raise CheckpointError(problems)
+        """Check that `ckpt` can be served by this pool and base: CheckpointError / PoolError name every problem
+        (the rule is `admission.check_admission`, shared with the API server's load checks)."""
+        check_admission(ckpt.config, name, self.settings, self.slots, self.fingerprint,
+                        where=f"{ckpt.path}/{CONFIG_FILE}", base=repr(self.model_name))  # fmt: skip
 
+    @torch.inference_mode()
     def on_slot(self, slot: int, adapter: LoRAModel | None) -> None:
         """vLLM put `adapter` in `slot`: release the slot's previous checkpoint, then pin and map the new one."""
         self._release(slot)
@@ -142,6 +131,7 @@ class AdapterPool(nn.Module):
         self._write_slot(slot, res.pages, ckpt)
         self.slot_names[slot] = name
 
+    @torch.inference_mode()
     def forget(self, name: str) -> bool:
         """Free a checkpoint's pages for real and forget it (after vLLM removed the adapter); False if unknown.
 
@@ -304,6 +294,9 @@ class AdapterPool(nn.Module):
     # --- counts, read by the worker extension ---
 
     def _flush_counts(self, slot: int, name: str) -> None:
+        # Runs inside a step (vLLM activates adapters under inference mode) or from an RPC (add_lora, remove via
+        # forget), always under inference mode (the callers' decorator): `totals` are inference tensors, and an
+        # in-place add to them outside inference mode would raise.
         zeros = {
             "activations": torch.zeros_like(self.activations[0].cpu()),
             "routed": torch.zeros_like(self.routed[0].cpu()),
@@ -335,6 +328,7 @@ class AdapterPool(nn.Module):
             }
         return out
 
+    @torch.inference_mode()
     def reset_counts(self) -> None:
         self.totals.clear()
         self.activations.zero_()

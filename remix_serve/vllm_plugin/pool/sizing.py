@@ -114,37 +114,3 @@ def plan_pool(
             f" need {' and '.join(short)}; raise --pool-size or lower --max-loras"
         )
     return {**settings, "pages": pages}
-
-
-# (what, config field, settings field, the remix-serve flag that raises the limit)
-LIMITS = (
-    ("n (num_loras)", "num_loras", "n_max", "--pool-max-loras-per-layer"),
-    ("k (top_k)", "top_k", "k_max", "--pool-max-top-k"),
-    ("r (rank)", "rank", "r_max", "--pool-max-rank"),
-)
-
-
-def admission_problems(config: Any, name: str, settings: Any, max_loras: int) -> list[str]:
-    """Why a pool with `settings` (a PoolSettings or its dict) cannot serve checkpoint `config` (a RemixConfig), one
-    line per problem; empty when it can. The worker (pool/model.py) and the server's load route share this rule.
-
-    Every checkpoint must fit the pool's n, k and r limits (its router and page tables are sized by them) and take
-    at most `1/max_loras` of each store: vLLM runs up to `max_loras` checkpoints in one step and a checkpoint in a
-    slot is pinned, so any `max_loras` of them must fit at once."""
-    get = settings.get if isinstance(settings, dict) else lambda key: getattr(settings, key)
-    problems = [
-        f"checkpoint {name!r} has {what} = {getattr(config, field)}; this server allows at most {get(limit)} ({flag})"
-        for what, field, limit, flag in LIMITS
-        if getattr(config, field) > get(limit)
-    ]
-    layout = LoraLayout.of(config)
-    need = pages_needed(layout, get("r_page"))
-    share = {store: n // max_loras for store, n in get("pages").items()}
-    over = [f"{need[store]} pages of the {store} store" for store in STORES if need[store] > share[store]]
-    if over:
-        problems.append(
-            f"checkpoint {name!r} ({layout.describe()}) needs {' and '.join(over)}; with --max-loras {max_loras}"
-            f" a checkpoint may take at most {share} pages per store, so that every step's checkpoints fit at once"
-            " (raise --pool-size or lower --max-loras)"
-        )
-    return problems

@@ -35,7 +35,7 @@ from vllm.lora.model_manager import DEFAULT_LANGUAGE_WRAPPER_KEY, LoRAModelManag
 from vllm.lora.request import LoRARequest
 
 from remix_serve.checkpoint import CONFIG_FILE, Checkpoint, load_checkpoint
-from remix_serve.vllm_plugin import ANCHOR
+from remix_serve.vllm_plugin.spec import ANCHOR
 
 VLLM_VERSION = "0.32.0"  # the version whose private surface this module was written and tested against
 POOL_MODULE = "remix_pool"  # the name SlotEvents is registered under in the LoRA manager
