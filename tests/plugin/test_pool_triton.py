@@ -106,7 +106,8 @@ def kernel_cases(cases: list[list]) -> dict[str, dict]:
 
 def dispatch_and_compile_case() -> dict:
     """`delta.lora_add` on CPU tensors without the C++ kernel takes the Triton op (the interpreter allows CPU); and
-    torch.compile(fullgraph) keeps the op as one node that writes a column slice, equal to eager bit for bit."""
+    torch.compile(fullgraph) of `lora_add` keeps the op as one node that writes a column slice of an intermediate,
+    equal to eager bit for bit."""
     from remix_serve.vllm_plugin import cpu_kernels
     from remix_serve.vllm_plugin.pool import delta, triton_kernels
 
@@ -128,7 +129,7 @@ def dispatch_and_compile_case() -> dict:
     @torch.compile(backend=backend, fullgraph=True)
     def step(wide, x, A, B, pages, coef):
         wide = wide * 1.0  # an intermediate, as in a model: the op mutates a view of it
-        torch.ops.remix.pool_lora_add_triton(wide[:, PAD : PAD + OUT], x, A, B, pages, coef)
+        delta.lora_add(wide[:, PAD : PAD + OUT], x, A, B, pages, coef)  # as the model calls it
         return wide
 
     compiled = step(c["wide"], c["x"], c["A"], c["B"], c["pages"], c["coef"])
