@@ -409,10 +409,9 @@ def check_pool_graph(dry_run: bool) -> None:
 
     c = pool_kernel_case(576, 1536, 8, 32, torch.bfloat16, seed=0)
     args = (c["x"], c["A"], c["B"], c["pages"], c["coef"])
-    W = torch.randn(c["wide"].shape[1], c["wide"].shape[1], device=DEVICE, dtype=torch.bfloat16) / 40
 
     def step(wide):
-        wide = wide @ W  # an intermediate, as the gate_up GEMM's output is
+        wide = wide * 2.0  # an intermediate, as the gate_up GEMM's output is (exact: equality stays bitwise)
         torch.ops.remix.pool_lora_add_triton(wide[:, 1:-1], *args)
         return wide
 

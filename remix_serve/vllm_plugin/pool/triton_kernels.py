@@ -82,7 +82,9 @@ def _expand_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < N
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    used = 0  # pages read by this token: none (a base token) leaves its row of out untouched
+    # pages this token reads (a block, not a scalar: a scalar in a mask is what the interpreter rejects); none, as
+    # for a base token, leaves its row of out untouched
+    used = tl.zeros((BLOCK_C,), dtype=tl.int32)
     for q in range(0, K):
         page = tl.load(pages_ptr + t * sp_t + q * sp_k)
         valid = page >= 0
@@ -96,7 +98,7 @@ def _expand_kernel(
             bv = tl.load(b_page + rows[:, None] * sb_r + cols[None, :] * sb_n, mask=b_mask, other=0.0)
             acc += tl.sum(hv[:, None] * bv.to(tl.float32), axis=0)
     out_cols = out_ptr + t * so_t + cols * so_n
-    keep = cols < tl.where(used > 0, N, 0)
+    keep = col_ok & (used > 0)
     old = tl.load(out_cols, mask=keep, other=0.0)
     tl.store(out_cols, (old.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=keep)
 
