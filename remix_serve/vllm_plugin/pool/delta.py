@@ -12,7 +12,8 @@ Store layout (`AdapterPool` in `pool/model.py` allocates it once): `A [P, r_page
 `B [P, r_page, out]` the matching columns of omega * B, transposed so that the expand reads contiguous rows.
 
 The CPU kernels (csrc/remix_cpu.cpp) meet these contracts: `cpu_kernels.pool_route` and `cpu_kernels.pool_lora_add`;
-`lora_add` picks the kernel where it is built and the tensors are on the CPU, else the reference.
+on CUDA, `triton_kernels.pool_lora_add_triton` meets `lora_add_reference`'s (routing stays `route_reference`, plain
+PyTorch on the GPU). `lora_add` picks the kernel for the tensors' device, else the reference.
 """
 
 from __future__ import annotations
@@ -59,11 +60,18 @@ def lora_add_reference(
 def lora_add(
     out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, pages: torch.Tensor, coef: torch.Tensor
 ) -> torch.Tensor:
-    """`lora_add_reference`'s result, by the fastest implementation available for these tensors."""
+    """`lora_add_reference`'s result, by the fastest implementation available for these tensors: the C++ kernel on
+    the CPU, the Triton custom op `remix::pool_lora_add_triton` on CUDA (`pool/triton_kernels.py`; also on CPU
+    tensors in a test process that runs Triton's interpreter without the C++ kernel), else the reference."""
     from remix_serve.vllm_plugin import cpu_kernels
 
     if out.device.type == "cpu" and cpu_kernels.available():
         cpu_kernels.pool_lora_add(out, x, A, B, pages, coef)
+        return out
+    from remix_serve.vllm_plugin.pool import triton_kernels
+
+    if triton_kernels.usable(out.device):
+        torch.ops.remix.pool_lora_add_triton(out, x, A, B, pages, coef)
         return out
     return lora_add_reference(out, x, A, B, pages, coef)
 
