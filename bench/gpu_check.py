@@ -371,7 +371,12 @@ def check_pool_kernel(dry_run: bool) -> None:
     else:
         from remix_serve.vllm_plugin.pool import triton_kernels  # noqa: F401  (registers the op)
 
-        kernel, impl, iters = torch.ops.remix.pool_lora_add_triton, "triton", 20
+        def kernel(out, *args):  # out: a column slice; the op takes the whole tensor and the offset
+            base = out._base if out._base is not None else out
+            offset = (out.storage_offset() - base.storage_offset()) % base.stride(0)
+            torch.ops.remix.pool_lora_add_triton(base, offset, *args)
+
+        impl, iters = "triton", 20
         shapes, dtypes, r_pages, tokens = POOL_KERNEL_SHAPES, (torch.bfloat16, torch.float16, torch.float32), (8, 16), \
             (1, 32, 512)  # fmt: skip
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -412,7 +417,7 @@ def check_pool_graph(dry_run: bool) -> None:
 
     def step(wide):
         wide = wide * 2.0  # an intermediate, as the gate_up GEMM's output is (exact: equality stays bitwise)
-        torch.ops.remix.pool_lora_add_triton(wide[:, 1:-1], *args)
+        torch.ops.remix.pool_lora_add_triton(wide, 1, *args)
         return wide
 
     eager = step(c["wide"])

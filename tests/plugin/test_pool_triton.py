@@ -82,7 +82,7 @@ def kernel_cases(cases: list[list]) -> dict[str, dict]:
         c = _case(dtype, T, K, R, seed=i)
         wide = c["wide"].clone()
         start = time.perf_counter()
-        torch.ops.remix.pool_lora_add_triton(wide[:, PAD : PAD + OUT], c["x"], c["A"], c["B"], c["pages"], c["coef"])
+        torch.ops.remix.pool_lora_add_triton(wide, PAD, c["x"], c["A"], c["B"], c["pages"], c["coef"])
         seconds = time.perf_counter() - start
         ref = c["wide"].clone()
         delta.lora_add_reference(ref[:, PAD : PAD + OUT], c["x"], c["A"].nan_to_num(0.0), c["B"].nan_to_num(0.0),
@@ -210,7 +210,7 @@ def test_the_op_refuses_cpu_tensors_without_the_interpreter():
     assert not triton_kernels.usable(torch.device("cpu"))
     out = torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match="needs CUDA tensors and Triton"):
-        torch.ops.remix.pool_lora_add_triton(out, torch.zeros(2, 4), torch.zeros(1, 2, 4), torch.zeros(1, 2, 3),
+        torch.ops.remix.pool_lora_add_triton(out, 0, torch.zeros(2, 4), torch.zeros(1, 2, 4), torch.zeros(1, 2, 3),
                                              torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1))  # fmt: skip
 
 

@@ -71,7 +71,7 @@ def lora_add(
     from remix_serve.vllm_plugin.pool import triton_kernels
 
     if triton_kernels.usable(out.device):
-        torch.ops.remix.pool_lora_add_triton(out, x, A, B, pages, coef)
+        torch.ops.remix.pool_lora_add_triton(out, 0, x, A, B, pages, coef)
         return out
     return lora_add_reference(out, x, A, B, pages, coef)
 

@@ -42,7 +42,7 @@ from vllm.sequence import IntermediateTensors
 from remix_serve.checkpoint import CONFIG_FILE, BaseFingerprint, Checkpoint, router_name, tensor_name
 from remix_serve.vllm_plugin import cpu_kernels
 from remix_serve.vllm_plugin.counters import count_picks, real_token_mask
-from remix_serve.vllm_plugin.pool import delta, vllm_hooks
+from remix_serve.vllm_plugin.pool import delta, triton_kernels, vllm_hooks
 from remix_serve.vllm_plugin.pool.admission import SIZE_HINT, check_admission
 from remix_serve.vllm_plugin.pool.pages import PROJECTIONS, STORE_OF, LoraLayout, PagePool, page_rows
 from remix_serve.vllm_plugin.spec import PoolSettings, RemixOverrides
@@ -250,10 +250,14 @@ class AdapterPool(nn.Module):
     ) -> None:
         """Add the delta of `store`'s pages into columns `[offset, offset + N)` of `out`, in place."""
         A, B = getattr(self, f"A_{store}"), getattr(self, f"B_{store}")
-        if torch.compiler.is_compiling() and self.cpu_kernels:
-            cpu_kernels.pool_lora_add_op(out, offset, x, A, B, pages, coef)
-        else:
+        if not torch.compiler.is_compiling():
             delta.lora_add(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef)
+        elif self.cpu_kernels:  # compiled: ops that take the whole output and the offset, never a view
+            cpu_kernels.pool_lora_add_op(out, offset, x, A, B, pages, coef)
+        elif triton_kernels.usable(out.device):
+            torch.ops.remix.pool_lora_add_triton(out, offset, x, A, B, pages, coef)
+        else:
+            delta.lora_add_reference(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef)
 
     def set_trace(self, on: bool) -> list[dict[str, int]] | None:
         """Start (on) or stop tracing; stopping returns, per forward with ReMix tokens, its tokens and the distinct

@@ -136,18 +136,29 @@ def launch(
 
 @torch.library.custom_op("remix::pool_lora_add_triton", mutates_args=("out",))
 def pool_lora_add_triton(
-    out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, pages: torch.Tensor, coef: torch.Tensor
+    out: torch.Tensor,
+    offset: int,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    pages: torch.Tensor,
+    coef: torch.Tensor,
 ) -> None:
-    """`delta.lora_add_reference(out, x, A, B, pages, coef)` in Triton: adds the pool delta into `out` in place.
+    """`delta.lora_add_reference(out[:, offset:offset + N], x, A, B, pages, coef)` in Triton: adds the pool delta
+    into columns `[offset, offset + N)` of `out` in place (N = B's width).
 
-    Shapes as the reference: out `[T, N]` (any strides), x `[T, in]`, A `[P, r_page, in]`, B `[P, r_page, N]`,
-    pages `[T, K]` int64 (-1 = skip), coef `[T, K]` float32. CUDA tensors, or any under `TRITON_INTERPRET=1`.
+    The op takes the whole output and an offset, not a column view, as `cpu_kernels.pool_lora_add_op` does: vLLM's
+    compile backend miscompiled an op mutating a view of an intermediate (tests/plugin/test_pool_engine.py).
+    Shapes as the reference: out `[T, >= offset + N]` (any strides), x `[T, in]`, A `[P, r_page, in]`,
+    B `[P, r_page, N]`, pages `[T, K]` int64 (-1 = skip), coef `[T, K]` float32. CUDA tensors, or any under
+    `TRITON_INTERPRET=1`.
     """
     if not usable(out.device):
         raise RuntimeError(
             f"remix::pool_lora_add_triton needs CUDA tensors and Triton (got {out.device}, HAS_TRITON={HAS_TRITON}); "
             "CPU tensors only under TRITON_INTERPRET=1"
         )
+    out = out.narrow(1, offset, B.shape[2])
     T, K = pages.shape
     if pages.dtype != torch.int64 or coef.shape != (T, K) or x.shape[0] != T or out.shape[0] != T:
         raise ValueError(
@@ -163,5 +174,13 @@ def pool_lora_add_triton(
 
 
 @pool_lora_add_triton.register_fake
-def _(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, pages: torch.Tensor, coef: torch.Tensor):
+def _(
+    out: torch.Tensor,
+    offset: int,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    pages: torch.Tensor,
+    coef: torch.Tensor,
+) -> None:
     return None
