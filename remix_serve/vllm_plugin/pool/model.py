@@ -89,8 +89,10 @@ class AdapterPool(nn.Module):
             P = settings.pages[store]
             self.register_buffer(f"A_{store}", torch.zeros(P, r_page, fan_in, dtype=dtype), persistent=False)
             self.register_buffer(f"B_{store}", torch.zeros(P, r_page, fan_out, dtype=dtype), persistent=False)
-        self.register_buffer("routers", torch.zeros(L, S + 1, n_max, self.D), persistent=False)
-        self.register_buffer("bias", torch.zeros(L, S + 1, n_max), persistent=False)
+        # float32 explicitly: vLLM builds the model under the served dtype as torch's default (bf16 routers would
+        # break the float32 router GEMM and the reference's routing)
+        self.register_buffer("routers", torch.zeros(L, S + 1, n_max, self.D, dtype=torch.float32), persistent=False)
+        self.register_buffer("bias", torch.zeros(L, S + 1, n_max, dtype=torch.float32), persistent=False)
         self.register_buffer("k", torch.zeros(L, S + 1, dtype=torch.int64), persistent=False)
         self.register_buffer("softmax", torch.zeros(S + 1, dtype=torch.bool), persistent=False)
         tables = torch.full((L, S + 1, len(PROJECTIONS), n_max, self.pages_per_lora), -1, dtype=torch.int64)
