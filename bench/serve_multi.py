@@ -4,8 +4,11 @@
     .venv/bin/python bench/serve_multi.py --only c --repeats 1
     .venv/bin/python bench/serve_multi.py --quick          # smoke run: every engine, a few seconds of work each
 
-Expected time on 2 cores at the defaults (3 repeats; SmolLM2-135M, vLLM's CPU engine): about 35-40 minutes, of
-which about 9 are the 22 engine starts (20-30 s each). `--quick` takes about 10 minutes (engine starts, mostly).
+Expected time on 2 cores at the defaults (3 repeats, 1 for (c); SmolLM2-135M, vLLM's CPU engine): about 40
+minutes, of which about 9 are the 22 engine starts (20-30 s each) and about 20 are (c), where the pool's prefill
+(the PyTorch reference page delta until the CPU kernel lands: ~60 s per 32 x 480-token batch) dominates; each
+repeat of (c) adds about 15 minutes (`--c-repeats`). `--quick` takes about 10 minutes (engine starts, mostly; 18
+on a machine shared with other jobs).
 
 (a) one pool engine per checkpoint count (1, 4, 16, 64 checkpoints of n=8 k=2 r=8 on gate/up/down of every layer;
 max_loras = min(count, 32), a pool that holds them all), 32 concurrent requests, request i on checkpoint i mod
@@ -298,6 +301,8 @@ def workload_a(setup: Setup, counts: list[int], repeats: int) -> None:
         close(llm)
 
     one = counts[0]
+    print("\n(a fraction above 1 means the engine is not bound by the bytes it reads: its time per step grows more"
+          " slowly than its traffic; (c) gives the reference figure's own cost against the base)")  # fmt: skip
     print(f"\n| checkpoints | decode tok/s (min-max) | bytes/step MB | ratio to {one} | limit ratio | fraction |")
     print("|---|---|---|---|---|---|")
     for count in counts:
@@ -480,6 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="a,b,c,d", help="workloads to run (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats of each workload (default 3; --quick 1)")
+    ap.add_argument("--c-repeats", type=int, default=None, help="repeats of (c) (default 1: its pool prefill is slow)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 requests, 8 tokens, 64-token prefill")
     ap.add_argument("--base", default="smollm2-135m", help="base model: bundled name or folder (%(default)s)")
     ap.add_argument("--counts", default="1,4,16,64", help="(a) checkpoint counts, the first is the reference")
@@ -513,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
     if "b" in only:
         workload_b(setup, [int(c) for c in args.lora_counts.split(",")], repeats)
     if "c" in only:
-        workload_c(setup, parse_configs(args.c_configs), repeats)
+        workload_c(setup, parse_configs(args.c_configs), args.c_repeats or (repeats if args.repeats else 1))
     if "d" in only:
         workload_d(setup, max(sizes.cold_samples, repeats))
 
