@@ -79,6 +79,7 @@ class AdapterPool(nn.Module):
             P = settings.pages[store]
             self.register_buffer(f"A_{store}", torch.zeros(P, r_page, fan_in, dtype=dtype), persistent=False)
             self.register_buffer(f"B_{store}", torch.zeros(P, r_page, fan_out, dtype=dtype), persistent=False)
+        # float32 explicitly: vLLM builds the model with the served dtype as torch's default (routing is float32)
         self.register_buffer("routers", torch.zeros(L, S + 1, n_max, self.D, dtype=torch.float32), persistent=False)
         self.register_buffer("bias", torch.zeros(L, S + 1, n_max, dtype=torch.float32), persistent=False)
         self.register_buffer("k", torch.zeros(L, S + 1, dtype=torch.int64), persistent=False)
