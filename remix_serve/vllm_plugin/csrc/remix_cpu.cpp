@@ -381,28 +381,28 @@ torch::Tensor shrink_concat(const torch::Tensor& x_, const torch::Tensor& A, con
   return out;
 }
 
-// acc[0 .. N) += sum_j h[j] * b_j for the `rows` rows b_j = b + j * N (float32), four rows per pass over acc.
+// acc[0 .. N) += sum_j h[j] * b_j for the `rows` rows b_j = b + j * ld (float32), four rows per pass over acc.
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
-void axpy_rows(const float* h, const float* b, int64_t rows, int64_t N, float* acc) {
+void axpy_rows(const float* h, const float* b, int64_t rows, int64_t N, int64_t ld, float* acc) {
   int64_t j = 0;
   for (; j + 4 <= rows; j += 4) {
     const float h0 = h[j], h1 = h[j + 1], h2 = h[j + 2], h3 = h[j + 3];
-    const float *b0 = b + j * N, *b1 = b0 + N, *b2 = b1 + N, *b3 = b2 + N;
+    const float *b0 = b + j * ld, *b1 = b0 + ld, *b2 = b1 + ld, *b3 = b2 + ld;
     for (int64_t d = 0; d < N; ++d) acc[d] += h0 * b0[d] + h1 * b1[d] + h2 * b2[d] + h3 * b3[d];
   }
   for (; j < rows; ++j) {
     const float hj = h[j];
-    const float* bj = b + j * N;
+    const float* bj = b + j * ld;
     for (int64_t d = 0; d < N; ++d) acc[d] += hj * bj[d];
   }
 }
 
 // axpy_rows for bfloat16 rows, widened to float32 as they are read (no float32 copy of the page).
-void axpy_rows_bf16_scalar(const float* h, const at::BFloat16* b, int64_t rows, int64_t N, float* acc) {
+void axpy_rows_bf16_scalar(const float* h, const at::BFloat16* b, int64_t rows, int64_t N, int64_t ld, float* acc) {
   for (int64_t j = 0; j < rows; ++j)
-    for (int64_t d = 0; d < N; ++d) acc[d] += h[j] * static_cast<float>(b[j * N + d]);
+    for (int64_t d = 0; d < N; ++d) acc[d] += h[j] * static_cast<float>(b[j * ld + d]);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -418,12 +418,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_bf16_mas
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void axpy_rows_bf16_avx512(const float* h, const at::BFloat16* b,
-                                                                                 int64_t rows, int64_t N, float* acc) {
+                                                                                 int64_t rows, int64_t N, int64_t ld,
+                                                                                 float* acc) {
   int64_t j = 0;
   for (; j + 4 <= rows; j += 4) {
     const __m512 h0 = _mm512_set1_ps(h[j]), h1 = _mm512_set1_ps(h[j + 1]), h2 = _mm512_set1_ps(h[j + 2]),
                  h3 = _mm512_set1_ps(h[j + 3]);
-    const at::BFloat16 *b0 = b + j * N, *b1 = b0 + N, *b2 = b1 + N, *b3 = b2 + N;
+    const at::BFloat16 *b0 = b + j * ld, *b1 = b0 + ld, *b2 = b1 + ld, *b3 = b2 + ld;
     int64_t d = 0;
     for (; d + kLanes <= N; d += kLanes) {
       __m512 a = _mm512_loadu_ps(acc + d);
@@ -443,21 +444,153 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void axpy_rows_bf16_avx512(
       _mm512_mask_storeu_ps(acc + d, m, a);
     }
   }
-  axpy_rows_bf16_scalar(h + j, b + j * N, rows - j, N, acc);
+  axpy_rows_bf16_scalar(h + j, b + j * ld, rows - j, N, ld, acc);
 }
 #endif
 
-void axpy_rows_bf16(const float* h, const at::BFloat16* b, int64_t rows, int64_t N, float* acc) {
+void axpy_rows_bf16(const float* h, const at::BFloat16* b, int64_t rows, int64_t N, int64_t ld, float* acc) {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl");
-  if (avx512) return axpy_rows_bf16_avx512(h, b, rows, N, acc);
+  if (avx512) return axpy_rows_bf16_avx512(h, b, rows, N, ld, acc);
 #endif
-  axpy_rows_bf16_scalar(h, b, rows, N, acc);
+  axpy_rows_bf16_scalar(h, b, rows, N, ld, acc);
 }
 
+// Tokens from which pool_lora_add works page by page (pool_lora_add_by_page), and the output columns one expand
+// block holds: a page's B rows of one block (r_page * 128 values) stay in L1 while every token that picked the page
+// adds them. Below kPageMajorMinTokens a token's own loop over its pages is as fast and needs no sort.
+constexpr int64_t kPageMajorMinTokens = 4, kExpandColumns = 128;
 // Multiply-adds per thread chunk of pool_lora_add: fewer tokens than this much work run inline.
 constexpr int64_t kPoolMacsPerChunk = 1 << 17;
+
+// pool_lora_add's math, page by page: the (token, pick) entries sorted by page, each page's A and B read once for
+// all the tokens that picked it (a batch's tokens mostly share their checkpoints' pages), the expand split into
+// column blocks so that threads never write the same float32 accumulator. The token loop's result up to the order
+// of the float32 sum over a token's picks (page order here, pick order there), with the same one rounding into out.
+void pool_lora_add_by_page(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& A,
+                           const torch::Tensor& B, const int64_t* pg, const float* cf, int64_t K, bool bf16_dot) {
+  const int64_t T = out.size(0), N = out.size(1), D = x.size(1), R = A.size(1);
+  // Scratch kept per thread across calls: a fresh allocation (and its page faults) per call cost more than the
+  // arithmetic of a decode step's call.
+  // (The lambdas below run on other threads: they must see these through references, not by their names, which
+  // would name those threads' own copies.)
+  thread_local std::vector<std::pair<int64_t, int64_t>> entries_tl;
+  thread_local std::vector<int64_t> slot_of_tl, tokens_tl, starts_tl;
+  thread_local std::vector<float> h_tl, acc_tl;
+  auto& entries = entries_tl;  // (page, t * K + q), in page order
+  auto& slot_of = slot_of_tl;  // token -> its row in acc
+  auto &tokens = tokens_tl, &starts = starts_tl;  // the tokens with a page; where each page's entries start
+  auto &h = h_tl, &acc = acc_tl;
+  entries.clear();
+  tokens.clear();
+  starts.clear();
+  slot_of.assign(T, -1);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t q = 0; q < K; ++q)
+      if (pg[t * K + q] >= 0) {
+        entries.emplace_back(pg[t * K + q], t * K + q);
+        if (slot_of[t] < 0) {
+          slot_of[t] = static_cast<int64_t>(tokens.size());
+          tokens.push_back(t);
+        }
+      }
+  if (entries.empty()) return;
+  std::sort(entries.begin(), entries.end());  // group g = entries[starts[g], starts[g + 1]), one page each
+  for (int64_t e = 0; e < static_cast<int64_t>(entries.size()); ++e)
+    if (e == 0 || entries[e].first != entries[e - 1].first) starts.push_back(e);
+  const int64_t G = static_cast<int64_t>(starts.size());
+  starts.push_back(static_cast<int64_t>(entries.size()));
+  const int64_t U = static_cast<int64_t>(tokens.size());
+  if (static_cast<int64_t>(h.size()) < T * K * R) h.resize(T * K * R);
+  if (static_cast<int64_t>(acc.size()) < U * N) acc.resize(U * N);
+  // Small calls (decode) run on the calling thread: waking the pool costs more than their work.
+  const int64_t macs = static_cast<int64_t>(entries.size()) * R * (D + N);
+  const bool inline_only = macs < 8 * kPoolMacsPerChunk;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "remix_pool_lora_add_by_page", [&] {
+    const scalar_t *X = x.data_ptr<scalar_t>(), *Ap = A.data_ptr<scalar_t>(), *Bp = B.data_ptr<scalar_t>();
+    scalar_t* O = out.data_ptr<scalar_t>();
+    const int64_t xrow = x.stride(0), orow = out.stride(0);
+    constexpr bool is_float = std::is_same_v<scalar_t, float>, is_bf16 = std::is_same_v<scalar_t, at::BFloat16>;
+    // Shrink: h[t, q] = coef[t, q] * A[p] x[t], page by page
+    at::parallel_for(0, G, inline_only ? G : 1, [&](int64_t g0, int64_t g1) {
+      std::vector<float> xf(is_float || bf16_dot ? 0 : D), a_page(is_float || bf16_dot ? 0 : R * D);
+      for (int64_t g = g0; g < g1; ++g) {
+        const scalar_t* Aq = Ap + entries[starts[g]].first * R * D;
+        const float* Af = nullptr;
+        if constexpr (is_float) {
+          Af = reinterpret_cast<const float*>(Aq);
+        } else if (!bf16_dot) {
+          to_float(Aq, a_page.data(), R * D);
+          Af = a_page.data();
+        }
+        for (int64_t e = starts[g]; e < starts[g + 1]; ++e) {
+          const int64_t idx = entries[e].second;
+          const scalar_t* xt = X + (idx / K) * xrow;
+          float* he = h.data() + idx * R;
+#ifdef REMIX_HAS_BF16_DOT
+          if (bf16_dot) {
+            dot_rows_bf16(reinterpret_cast<const at::BFloat16*>(xt), reinterpret_cast<const at::BFloat16*>(Aq), R, D,
+                          he);
+          } else
+#endif
+          {
+            const float* xt_f;
+            if constexpr (is_float) {
+              xt_f = reinterpret_cast<const float*>(xt);
+            } else {
+              to_float(xt, xf.data(), D);
+              xt_f = xf.data();
+            }
+            dot_rows(xt_f, Af, R, D, he);
+          }
+          for (int64_t j = 0; j < R; ++j) he[j] *= cf[idx];
+        }
+      }
+    });
+    // Expand: acc[t, block] += h[t, q] B[p][:, block], a column block per task, each page's block read once
+    const int64_t blocks = (N + kExpandColumns - 1) / kExpandColumns;
+    at::parallel_for(0, blocks, inline_only ? blocks : 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> b_block(is_float || is_bf16 ? 0 : R * kExpandColumns);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t c0 = blk * kExpandColumns, n = std::min(kExpandColumns, N - c0);
+        for (int64_t u = 0; u < U; ++u) std::fill_n(acc.data() + u * N + c0, n, 0.f);
+        for (int64_t g = 0; g < G; ++g) {
+          const scalar_t* Bq = Bp + entries[starts[g]].first * R * N + c0;
+          if constexpr (!is_float && !is_bf16)
+            for (int64_t j = 0; j < R; ++j) to_float(Bq + j * N, b_block.data() + j * n, n);
+          for (int64_t e = starts[g]; e < starts[g + 1]; ++e) {
+            const int64_t idx = entries[e].second;
+            float* a = acc.data() + slot_of[idx / K] * N + c0;
+            if constexpr (is_float) {
+              axpy_rows(h.data() + idx * R, reinterpret_cast<const float*>(Bq), R, n, N, a);
+            } else if constexpr (is_bf16) {
+              axpy_rows_bf16(h.data() + idx * R, reinterpret_cast<const at::BFloat16*>(Bq), R, n, N, a);
+            } else {
+              axpy_rows(h.data() + idx * R, b_block.data(), R, n, n, a);
+            }
+          }
+        }
+      }
+    });
+    // out[t] = round(out[t] + delta), the one rounding, for the tokens with a page
+    at::parallel_for(0, U, inline_only ? U : 16, [&](int64_t u0, int64_t u1) {
+      std::vector<float> out_f(is_float ? 0 : N);
+      for (int64_t u = u0; u < u1; ++u) {
+        scalar_t* ot = O + tokens[u] * orow;
+        const float* a = acc.data() + u * N;
+        if constexpr (is_float) {
+          for (int64_t d = 0; d < N; ++d) ot[d] = static_cast<float>(ot[d]) + a[d];
+        } else {
+          to_float(ot, out_f.data(), N);
+          for (int64_t d = 0; d < N; ++d) out_f[d] += a[d];
+          from_float(out_f.data(), ot, N);
+        }
+      }
+    });
+  });
+}
+
 
 // out[t] += sum_q coef[t, q] * (x[t] A[p]^T) B[p], p = pages[t, q], page -1 skipped: pool/delta.py's
 // lora_add_reference, the contract (float32 accumulation, one rounding into out per token). A token reads only
@@ -494,6 +627,7 @@ void pool_lora_add(const torch::Tensor& out, const torch::Tensor& x, const torch
 #ifdef REMIX_HAS_BF16_DOT
   bf16_dot = dtype == at::kBFloat16 && cpu_has_bf16_dot();
 #endif
+  if (T >= kPageMajorMinTokens) return pool_lora_add_by_page(out, x, A, B, pg, cf, K, bf16_dot);
   const int64_t grain = std::max<int64_t>(1, kPoolMacsPerChunk / std::max<int64_t>(1, K * R * (D + N)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "remix_pool_lora_add", [&] {
     const scalar_t *X = x.data_ptr<scalar_t>(), *Ap = A.data_ptr<scalar_t>(), *Bp = B.data_ptr<scalar_t>();
@@ -539,12 +673,12 @@ void pool_lora_add(const torch::Tensor& out, const torch::Tensor& x, const torch
           const float c = cf[t * K + q];
           for (int64_t j = 0; j < R; ++j) h[j] *= c;
           if constexpr (is_float) {
-            axpy_rows(h.data(), reinterpret_cast<const float*>(Bq), R, N, acc.data());
+            axpy_rows(h.data(), reinterpret_cast<const float*>(Bq), R, N, N, acc.data());
           } else if constexpr (is_bf16) {
-            axpy_rows_bf16(h.data(), reinterpret_cast<const at::BFloat16*>(Bq), R, N, acc.data());
+            axpy_rows_bf16(h.data(), reinterpret_cast<const at::BFloat16*>(Bq), R, N, N, acc.data());
           } else {
             to_float(Bq, b_page.data(), R * N);
-            axpy_rows(h.data(), b_page.data(), R, N, acc.data());
+            axpy_rows(h.data(), b_page.data(), R, N, N, acc.data());
           }
         }
         // out[t] = round(out[t] + delta), the one rounding
