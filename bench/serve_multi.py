@@ -53,9 +53,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from serve_throughput import build_peft_lora  # bench/ is the script's folder, first on sys.path
 
 from remix_serve import bases, tiny
 from remix_serve.checkpoint import save_checkpoint
@@ -132,24 +131,6 @@ def build_remix(setup: Setup, folder: Path, n: int, k: int, r: int, seed: int):
                            dtype="bfloat16")  # fmt: skip
     save_checkpoint(folder, cfg, tiny.random_adapter(cfg, seed=seed, scale=0.02))
     return folder, cfg
-
-
-def build_peft_lora(setup: Setup, folder: Path, r: int, seed: int) -> Path:
-    """One ordinary PEFT LoRA of rank r on gate/up/down of every layer (random weights)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(setup.hf["num_hidden_layers"]):
-        for proj in PROJS:
-            in_f, out_f = (setup.I, setup.D) if proj == "down_proj" else (setup.D, setup.I)
-            pre = f"base_model.model.model.layers.{layer}.mlp.{proj}"
-            tensors[f"{pre}.lora_A.weight"] = (torch.randn(r, in_f, generator=gen) * 0.02).to(torch.bfloat16)
-            tensors[f"{pre}.lora_B.weight"] = (torch.randn(out_f, r, generator=gen) * 0.02).to(torch.bfloat16)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
-              "target_modules": list(PROJS), "bias": "none", "base_model_name_or_path": str(setup.base)}  # fmt: skip
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
 
 
 # --- engines ---
@@ -332,7 +313,7 @@ def workload_b(setup: Setup, counts: list[int], repeats: int) -> None:
           f"{s.decode_out} tokens, uniform adapter choice", flush=True)  # fmt: skip
     top = max(counts)
     remix = [build_remix(setup, setup.tmp / f"b{i}", N, K, R, seed=100 + i) for i in range(top)]
-    peft = [build_peft_lora(setup, setup.tmp / f"peft{i}", K * R, seed=i) for i in range(top)]
+    peft = [build_peft_lora(setup.tmp / f"peft{i}", setup.base, K * R, seed=i) for i in range(top)]
     remix_reqs, peft_reqs = lora_requests([p for p, _ in remix], "b"), lora_requests(peft, "peft")
     rng = random.Random(2)
     prompts = [[rng.randrange(100, 300) for _ in range(s.decode_prompt)] for _ in range(s.requests)]

@@ -42,11 +42,11 @@ def build_remix(folder: Path, n: int, k: int, r: int) -> Path:
     return save_checkpoint(folder, cfg, tiny.random_adapter(cfg, seed=0, scale=0.02))
 
 
-def build_peft_lora(folder: Path, base: Path, r: int) -> Path:
-    """One ordinary PEFT LoRA of rank r on gate/up/down of every layer (random weights)."""
+def build_peft_lora(folder: Path, base: Path, r: int, seed: int = 0) -> Path:
+    """One ordinary PEFT LoRA of rank r on gate/up/down of every layer (random weights; bench/serve_multi.py too)."""
     hf = json.loads((base / "config.json").read_text())
     d, inter = hf["hidden_size"], hf["intermediate_size"]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(hf["num_hidden_layers"]):
         for proj in PROJS:

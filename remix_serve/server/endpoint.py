@@ -126,21 +126,15 @@ async def show_models(raw_request: Request) -> JSONResponse:
     state = raw_request.app.state
     if getattr(state, "remix_pool", None) is not None:
         return JSONResponse(content=await state.remix_pool.models_list())
+    from remix_serve.server.pool import remix_card
+
     models = (await state.openai_serving_models.show_available_models()).model_dump()
     cfg = state.remix_config
     for card in models["data"]:
         if card.get("root"):  # vLLM puts the base model's path here
             card["root"] = shown_path(card["root"], state.remix_show_paths)
         if card["id"] == state.remix_model_name:
-            card["remix"] = {
-                "num_loras": cfg.num_loras,
-                "top_k": cfg.top_k,
-                "rank": cfg.rank,
-                "weighting": cfg.weighting,
-                "layers": cfg.adapted_layers,
-                "target_modules": cfg.target_modules,
-                "base_model": shown_path(cfg.base_model, state.remix_show_paths),
-            }
+            card["remix"] = remix_card(cfg, shown_path(cfg.base_model, state.remix_show_paths))
     return JSONResponse(content=models)
 
 
