@@ -112,7 +112,13 @@ def silu_mul_shrink_concat(
 
 
 def pool_lora_add(
-    out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, pages: torch.Tensor, coef: torch.Tensor
+    out: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    pages: torch.Tensor,
+    coef: torch.Tensor,
+    pages_per_pick: int = 1,
 ) -> None:
     """Add the adapter pool's per-token LoRA delta into `out` in place: `pool.delta.lora_add_reference`'s result.
 
@@ -124,8 +130,24 @@ def pool_lora_add(
     and `x` `[T, in]` may be column slices (e.g. one half of a gate/up output); `A` `[P, r_page, in]`, `B`
     `[P, r_page, N]`, all four in one dtype; `pages` `[T, K]` int64, `coef` `[T, K]` float32. A page id outside
     `[-1, P)` raises before anything is written.
+
+    bf16 calls of 32 tokens or more run on the AMX matrix units where the CPU has them (`amx_available()`).
+    `pages_per_pick` (dividing K) says that each run of that many pages in a token's list is one pick's LoRA, as
+    `pool_route` lists them: the AMX path then multiplies the run as one matrix (up to 16 ranks). The result does
+    not depend on it.
     """
-    _lib().pool_lora_add(out, x, A, B, pages, coef)
+    _lib().pool_lora_add(out, x, A, B, pages, coef, pages_per_pick)
+
+
+def amx_available() -> bool:
+    """Whether `pool_lora_add` can use the AMX-BF16 matrix units on this CPU (and this process may)."""
+    return bool(_lib().amx_available())
+
+
+def set_amx(on: bool) -> bool:
+    """Allow (or not) `pool_lora_add`'s AMX path in this process; returns the previous setting. For tests and
+    benchmarks that compare the two paths; `REMIX_CPU_AMX=0` turns it off from the start."""
+    return bool(_lib().set_amx(on))
 
 
 def pool_route(
@@ -199,11 +221,12 @@ def pool_lora_add_op(
     B: torch.Tensor,
     pages: torch.Tensor,
     coef: torch.Tensor,
+    pages_per_pick: int,
 ) -> None:
     """`pool_lora_add` into columns `[offset, offset + N)` of `out` (N = B's width), as a custom op that mutates
     `out`. The op takes the whole tensor and the offset, not a column view: a compiled graph in vLLM's backend got
     wrong results from an op mutating a view of an intermediate (tests/plugin/test_pool_engine.py)."""
-    _lib().pool_lora_add(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef)
+    _lib().pool_lora_add(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef, pages_per_pick)
 
 
 @pool_lora_add_op.register_fake
@@ -215,6 +238,7 @@ def _(
     B: torch.Tensor,
     pages: torch.Tensor,
     coef: torch.Tensor,
+    pages_per_pick: int,
 ) -> None:
     return None
 

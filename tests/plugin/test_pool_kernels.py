@@ -168,9 +168,9 @@ def test_lora_add_dispatches_to_the_kernel_on_cpu(monkeypatch):
 def test_pool_lora_add_op_passes_torch_library_opcheck():
     """Schema (out mutated), fake implementation and dispatch agree: what torch.compile relies on to trace it."""
     gate_up, x, A, B, pages, coef = pool_case(5, 3, 4, torch.float32, seed=9)
-    torch.library.opcheck(cpu_kernels.pool_lora_add_op, (gate_up.clone(), 80, x, A, B, pages, coef))
+    torch.library.opcheck(cpu_kernels.pool_lora_add_op, (gate_up.clone(), 80, x, A, B, pages, coef, 3))
     out = gate_up.clone()
-    cpu_kernels.pool_lora_add_op(out, 80, x, A, B, pages, coef)  # into the second half: columns 80..159
+    cpu_kernels.pool_lora_add_op(out, 80, x, A, B, pages, coef, 1)  # into the second half: columns 80..159
     assert torch.equal(out[:, :80], gate_up[:, :80])
     torch.testing.assert_close(out[:, 80:], delta.lora_add_reference(gate_up[:, 80:].clone(), x, A, B, pages, coef))
 
@@ -178,6 +178,86 @@ def test_pool_lora_add_op_passes_torch_library_opcheck():
 def test_pool_route_op_passes_torch_library_opcheck():
     case = route_case(6, S=4, n_max=5, ppl=2, dtype=torch.float32)
     torch.library.opcheck(cpu_kernels.pool_route_op, (*case, 3))
+
+
+# --- the AMX path: bf16 calls of 32 tokens or more on the matrix units, where the CPU has them
+
+needs_amx = pytest.mark.skipif(
+    not (cpu_kernels.available() and cpu_kernels.amx_available()), reason="this CPU has no AMX-BF16"
+)
+
+
+def lora_pages(T: int, k: int, ppl: int, loras: int, seed: int) -> torch.Tensor:
+    """Pages as pool_route lists them: k picks per token, each pick its LoRA's ppl pages (LoRA l owns pages
+    l*ppl ... l*ppl+ppl-1; every third LoRA has rank r_page only, its later pages -1); some picks empty (k below
+    k_max) and every third token from the third a base token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(loras, generator=g)[:k] for _ in range(T)])  # [T, k], distinct per token
+    pages = ids[:, :, None] * ppl + torch.arange(ppl)
+    pages[:, :, 1:] = torch.where(ids[:, :, None] % 3 == 0, -1, pages[:, :, 1:])
+    pages[torch.rand(T, k, generator=g) < 0.15] = -1
+    pages[2::3] = -1
+    return pages.reshape(T, k * ppl)
+
+
+@needs_amx
+@pytest.mark.parametrize("T", [32, 300, 1100])  # 1100: more than one chunk of the AMX path
+@pytest.mark.parametrize(("k", "ppl", "r_page"), [(2, 1, 8), (2, 2, 8), (3, 2, 4), (2, 1, 16), (2, 4, 4), (1, 2, 16)])
+def test_amx_path_equals_the_reference_and_the_avx512_path(T, k, ppl, r_page):
+    """On the matrix units with a pick's pages as one matrix (ppl * r_page <= 16; else page by page), the result is
+    the reference's and the AVX-512 path's up to one rounding of the output; base tokens stay bit-identical."""
+    loras, D, N = 12, 160, 96
+    g = torch.Generator().manual_seed(T + 10 * ppl + r_page)
+    x = torch.randn(T, D, generator=g).bfloat16()
+    A = (torch.randn(loras * ppl, r_page, D, generator=g) * 0.2).bfloat16()
+    B = (torch.randn(loras * ppl, r_page, N, generator=g) * 0.2).bfloat16()
+    pages = lora_pages(T, k, ppl, loras, seed=T)
+    coef = (torch.rand(T, k, generator=g) + 0.5).repeat_interleave(ppl, dim=1)
+    start = torch.randn(T, 2 * N, generator=g).bfloat16()
+    expected = delta.lora_add_reference(start[:, N:].clone(), x, A, B, pages, coef)
+    was = cpu_kernels.set_amx(False)
+    try:
+        avx = start.clone()
+        cpu_kernels.pool_lora_add(avx[:, N:], x, A, B, pages, coef, ppl)
+    finally:
+        cpu_kernels.set_amx(was)
+    amx = start.clone()
+    cpu_kernels.pool_lora_add(amx[:, N:], x, A, B, pages, coef, ppl)
+    base = (pages < 0).all(dim=1)
+    assert torch.equal(amx[:, :N], start[:, :N]) and torch.equal(amx[base], start[base])
+    assert not torch.equal(amx[~base], start[~base])
+    torch.testing.assert_close(amx[:, N:], expected, rtol=RTOL[torch.bfloat16], atol=1e-5)
+    torch.testing.assert_close(amx, avx, rtol=RTOL[torch.bfloat16], atol=1e-5)
+    assert (amx == avx).float().mean() > 0.99  # all but the rare value at a rounding boundary
+
+
+@needs_amx
+def test_amx_path_with_pages_that_are_not_one_pick_per_run():
+    """A pages_per_pick hint the pages do not follow (random pages, one id in several runs with other partners)
+    falls back to page by page: still the reference's result."""
+    gate_up, x, A, B, pages, coef = pool_case(300, 4, 8, torch.bfloat16, seed=21)
+    expected = delta.lora_add_reference(gate_up[:, 80:].clone(), x, A, B, pages, coef)
+    cpu_kernels.pool_lora_add(gate_up[:, 80:], x, A, B, pages, coef, 2)
+    torch.testing.assert_close(gate_up[:, 80:], expected, rtol=RTOL[torch.bfloat16], atol=1e-5)
+
+
+@needs_amx
+def test_amx_path_leaves_the_matrix_units_as_it_found_them():
+    """The kernel saves the thread's tile configuration and restores it: oneDNN's bf16 GEMMs (on the same units)
+    give the same bits before and after it."""
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(64, 256, generator=g).bfloat16(), torch.randn(512, 256, generator=g).bfloat16()
+    before = torch.nn.functional.linear(a, w)
+    gate_up, x, A, B, pages, coef = pool_case(200, 2, 8, torch.bfloat16, seed=3)
+    cpu_kernels.pool_lora_add(gate_up[:, 80:], x, A, B, pages, coef)
+    assert torch.equal(torch.nn.functional.linear(a, w), before)
+
+
+def test_pages_per_pick_must_divide_k():
+    gate_up, x, A, B, pages, coef = pool_case(40, 3, 8, torch.bfloat16, seed=1)
+    for bad in (0, 2):
+        with pytest.raises(RuntimeError, match=rf"pages_per_pick={bad} must be at least 1 and divide .* K=3"):
+            cpu_kernels.pool_lora_add(gate_up[:, 80:], x, A, B, pages, coef, bad)
 
 
 # --- pool_route: one layer's per-token routing over the slots' routers and page tables

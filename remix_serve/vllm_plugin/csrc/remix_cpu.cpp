@@ -14,9 +14,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <type_traits>
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #include <vector>
 
@@ -464,6 +470,65 @@ constexpr int64_t kPageMajorMinTokens = 4, kPageMajorMaxTokens = 256, kExpandCol
 // Multiply-adds per thread chunk of pool_lora_add: fewer tokens than this much work run inline.
 constexpr int64_t kPoolMacsPerChunk = 1 << 17;
 
+// A call's entries grouped by unit: an entry is (token t, unit u), a unit `unit` consecutive pages of t's list
+// (one page, or one pick's pages), keyed by its first page; entries[starts[g], starts[g + 1]) all share a key, in
+// token order, the groups in the order their keys first appear; tokens lists the tokens with at least one entry.
+// A counting sort through a page -> group table (O(entries), where a sort of a prefill's thousands of entries cost
+// as much as its tile multiplies).
+struct PageGroups {
+  int64_t K = 0;
+  std::vector<std::pair<int64_t, int64_t>> entries;  // (key page, t * K + first page's index), grouped by key
+  std::vector<int64_t> starts, tokens, slot_of;  // group starts (and the end); tokens; token -> its index in tokens
+  std::vector<int64_t> group_of, keys, fill;  // page -> group (-1 between calls); group -> its first entry; cursor
+
+  // False (for unit > 1) where a unit's first page is -1 with a later one set, or two units with one key list
+  // different pages: the caller then groups single pages.
+  bool build(const int64_t* pg, int64_t T, int64_t K_, int64_t P, int64_t unit = 1) {
+    K = K_;
+    tokens.clear();
+    keys.clear();
+    starts.clear();
+    slot_of.assign(T, -1);
+    if (static_cast<int64_t>(group_of.size()) < P) group_of.resize(P, -1);
+    bool consistent = true;
+    for (int64_t t = 0; t < T && consistent; ++t)
+      for (int64_t q = 0; q < K; q += unit) {
+        const int64_t i = t * K + q, p = pg[i];
+        if (p < 0) {
+          for (int64_t c = 1; c < unit; ++c) consistent &= pg[i + c] < 0;
+          continue;
+        }
+        if (group_of[p] < 0) {
+          group_of[p] = static_cast<int64_t>(keys.size());
+          keys.push_back(i);
+          starts.push_back(0);
+        }
+        const int64_t* first = pg + keys[group_of[p]];
+        for (int64_t c = 1; c < unit; ++c) consistent &= pg[i + c] == first[c];
+        ++starts[group_of[p]];
+        if (slot_of[t] < 0) {
+          slot_of[t] = static_cast<int64_t>(tokens.size());
+          tokens.push_back(t);
+        }
+      }
+    const int64_t G = static_cast<int64_t>(keys.size());
+    if (consistent) {
+      int64_t total = 0;
+      for (int64_t g = 0; g < G; ++g) std::swap(total, starts[g]), total += starts[g];  // counts -> starts
+      starts.push_back(total);
+      fill.assign(starts.begin(), starts.end() - 1);
+      entries.resize(total);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t q = 0; q < K; q += unit) {
+          const int64_t i = t * K + q;
+          if (pg[i] >= 0) entries[fill[group_of[pg[i]]]++] = {pg[i], i};
+        }
+    }
+    for (const int64_t i : keys) group_of[pg[i]] = -1;
+    return consistent;
+  }
+};
+
 // pool_lora_add's math, page by page: the (token, pick) entries sorted by page, each page's A and B read once for
 // all the tokens that picked it (a batch's tokens mostly share their checkpoints' pages), the expand split into
 // column blocks so that threads never write the same float32 accumulator. The token loop's result up to the order
@@ -475,32 +540,15 @@ void pool_lora_add_by_page(const torch::Tensor& out, const torch::Tensor& x, con
   // arithmetic of a decode step's call.
   // (The lambdas below run on other threads: they must see these through references, not by their names, which
   // would name those threads' own copies.)
-  thread_local std::vector<std::pair<int64_t, int64_t>> entries_tl;
-  thread_local std::vector<int64_t> slot_of_tl, tokens_tl, starts_tl;
+  thread_local PageGroups groups_tl;
   thread_local std::vector<float> h_tl, acc_tl;
-  auto& entries = entries_tl;  // (page, t * K + q), in page order
-  auto& slot_of = slot_of_tl;  // token -> its row in acc
-  auto &tokens = tokens_tl, &starts = starts_tl;  // the tokens with a page; where each page's entries start
+  auto& groups = groups_tl;
   auto &h = h_tl, &acc = acc_tl;
-  entries.clear();
-  tokens.clear();
-  starts.clear();
-  slot_of.assign(T, -1);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t q = 0; q < K; ++q)
-      if (pg[t * K + q] >= 0) {
-        entries.emplace_back(pg[t * K + q], t * K + q);
-        if (slot_of[t] < 0) {
-          slot_of[t] = static_cast<int64_t>(tokens.size());
-          tokens.push_back(t);
-        }
-      }
+  groups.build(pg, T, K, A.size(0));
+  const auto& entries = groups.entries;
+  const auto &starts = groups.starts, &tokens = groups.tokens, &slot_of = groups.slot_of;
   if (entries.empty()) return;
-  std::sort(entries.begin(), entries.end());  // group g = entries[starts[g], starts[g + 1]), one page each
-  for (int64_t e = 0; e < static_cast<int64_t>(entries.size()); ++e)
-    if (e == 0 || entries[e].first != entries[e - 1].first) starts.push_back(e);
-  const int64_t G = static_cast<int64_t>(starts.size());
-  starts.push_back(static_cast<int64_t>(entries.size()));
+  const int64_t G = static_cast<int64_t>(starts.size()) - 1;
   const int64_t U = static_cast<int64_t>(tokens.size());
   if (static_cast<int64_t>(h.size()) < T * K * R) h.resize(T * K * R);
   if (static_cast<int64_t>(acc.size()) < U * N) acc.resize(U * N);
@@ -592,13 +640,361 @@ void pool_lora_add_by_page(const torch::Tensor& out, const torch::Tensor& x, con
 }
 
 
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define REMIX_HAS_AMX 1
+// pool_lora_add on the AMX-BF16 matrix units (Sapphire Rapids and later), for prefill-sized bf16 calls. The
+// AVX-512 loops above multiply-add 10-20x slower than the base model's GEMMs on these units, so at 480-token prompts
+// the delta cost about as much as the base model's own layers. Here the work is grouped by unit: one pick's pages
+// (pages_per_pick of them, a LoRA of rank up to pages_per_pick * r_page, taken as one matrix of up to 16 ranks) or
+// else one page. The tokens that picked a unit are the rows of tile multiplies: the shrink is x rows [16, in]
+// (gathered) x A_u^T [in, ranks], the expand h [16, ranks] x B_u [ranks, 32 columns] into one float32 row per (token,
+// unit), which are summed per token in pick order and rounded once into out. The expand's h is split exactly into
+// bfloat16 parts (h = hi + mid + lo by truncation, 8 significant bits each) stacked along the contraction against
+// B_u once per part: a tile multiply costs the same for a contraction of 8 or 32 (two multiplies past 10 ranks), so
+// the products are those of float32 h at no extra cost, and the result is the AVX-512 paths' up to the order of
+// the float32 sums.
+
+// Whether the CPU has AMX-BF16 and Linux let this process use the tile state (each process must ask once).
+bool cpu_has_amx_bf16() {
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtileData) == 0 && cpu_has_bf16_dot();
+  }();
+  return has;
+}
+
+// Off: pool_lora_add keeps to the AVX-512 paths (REMIX_CPU_AMX=0 at load time, or set_amx(False); tests compare).
+bool amx_allowed = [] {
+  const char* v = std::getenv("REMIX_CPU_AMX");
+  return v == nullptr || std::string(v) != "0";
+}();
+
+constexpr int64_t kAmxRows = 16, kAmxDepth = 32;  // a tile multiply: [16, 32] bf16 x [32, 16] bf16 -> [16, 16] f32
+constexpr int64_t kAmxMaxRanks = 16;  // of a unit: the shrink's product is one [16, ranks] float32 tile
+constexpr int64_t kAmxCols = 32;  // the expand's column block: two product tiles
+constexpr int64_t kOutPrefetch = 16;  // tokens ahead, in the expand's final sum
+// A bf16 call runs on the matrix units from kAmxMinTokens tokens and kAmxMinEntriesPerUnit (token, unit) entries per
+// distinct unit on average: a unit costs a repacking of its pages, and fewer tokens fill too little of a tile (a
+// decode step's tokens spread over many checkpoints' LoRAs). About where the two paths break even on SmolLM2-135M
+// shapes (bench/micro/cpu_pool_lora.py --one-layer).
+constexpr int64_t kAmxMinTokens = 32, kAmxMinEntriesPerUnit = 8;
+// Tokens per chunk of the AMX path: a unit's repacking is paid once per chunk (at n=64 a 480-token prompt's LoRAs
+// are picked by about 15 tokens each), and a chunk's float32 rows per (token, unit) and column block stay in L2
+// (1024 tokens x 4 units x 32 columns x 4 bytes).
+constexpr int64_t kAmxMaxTokens = 1024;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The compiler does not know that a tile load reads memory: stores before one must not move past it.
+#define REMIX_TILE_FENCE() __asm__ volatile("" ::: "memory")
+
+// The tile shapes: every tile [16 rows, 64 bytes], except, for the shrink of a unit of `ranks` columns, tiles 1
+// and 7 (repacked A chunks) and 2, 4, 5, 6 (the [16, ranks] float32 products); its left operands are tiles 0 and 3.
+// The thread's previous configuration (oneDNN's, between its GEMMs) is saved here and restored by amx_restore.
+__attribute__((target("amx-tile"))) void amx_configure(int64_t shrink_ranks, TileConfig* saved) {
+  _tile_storeconfig(saved);
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = kAmxRows;
+    cfg.colsb[i] = 64;
+  }
+  if (shrink_ranks > 0)
+    for (const int i : {1, 2, 4, 5, 6, 7}) cfg.colsb[i] = static_cast<uint16_t>(shrink_ranks * 4);
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void amx_restore(const TileConfig& saved) {
+  if (saved.palette != 0)
+    _tile_loadconfig(&saved);
+  else
+    _tile_release();
+}
+
+// The AMX path's work for one chunk: units grouped (PageGroups over units), each unit's pages and shapes.
+struct AmxCall {
+  const PageGroups* gr;
+  const int64_t* pg;  // pages [T, K]
+  const float* cf;  // coef [T, K]
+  int64_t unit, R, ranks, D, N;  // pages per unit, r_page, unit * r_page
+  int64_t KH;  // an entry's row of h's three parts, zero past them: 32 (up to 10 ranks) or 64
+};
+
+// Shrink of groups [g0, g1): H[e] = (x[t] A_u^T) * coef, split into bf16 parts, for entry e = (t, unit u). The
+// unit's A rows (its pages' rows in order; zeros for a -1 page) are repacked once per group into the tile's pair
+// layout, apk[c][i][j] = (A_u[j][32c+2i], A_u[j][32c+2i+1]).
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_shrink(
+    const AmxCall& call, int64_t g0, int64_t g1, const uint16_t* X, int64_t xrow, const uint16_t* Ap, uint16_t* H) {
+  const PageGroups& gr = *call.gr;
+  const int64_t R = call.R, ranks = call.ranks, D = call.D, K = gr.K;
+  const int64_t chunks = (D + kAmxDepth - 1) / kAmxDepth, Dp = chunks * kAmxDepth;
+  thread_local std::vector<uint32_t> xbuf_tl, apk_tl, zeros_tl;  // [16, Dp] pairs; [chunks, 16, ranks] pairs; [D / 2]
+  auto& xbuf = xbuf_tl;
+  auto& apk = apk_tl;
+  auto& zeros = zeros_tl;
+  zeros.assign(D / 2, 0);
+  xbuf.assign(kAmxRows * Dp / 2, 0);  // zero columns past D: 0 x (A's zero padding) must not meet a NaN
+  apk.assign(chunks * 16 * ranks, 0);
+  alignas(64) float prod[4 * kAmxRows * kAmxMaxRanks];
+  const int64_t tile = kAmxRows * ranks;
+  TileConfig saved;
+  amx_configure(ranks, &saved);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t* unit_pages = call.pg + gr.entries[gr.starts[g]].second;
+    const uint32_t* rows[kAmxMaxRanks];  // the unit's A rows as D / 2 pairs (D even); a -1 page's read as zeros
+    for (int64_t j = 0; j < ranks; ++j) {
+      const int64_t page = unit_pages[j / R];
+      rows[j] = page < 0 ? zeros.data() : reinterpret_cast<const uint32_t*>(Ap + (page * R + j % R) * D);
+    }
+    for (int64_t w = 0; w < D / 2; ++w)  // written in order, read as `ranks` streams
+      for (int64_t j = 0; j < ranks; ++j) apk[w * ranks + j] = rows[j][w];
+    for (int64_t e0 = gr.starts[g]; e0 < gr.starts[g + 1]; e0 += kAmxRows) {
+      const int64_t m = std::min(kAmxRows, gr.starts[g + 1] - e0);
+      for (int64_t r = 0; r < m; ++r)
+        std::memcpy(xbuf.data() + r * Dp / 2, X + (gr.entries[e0 + r].second / K) * xrow, D * 2);
+      // The next tile's x rows, scattered over a buffer larger than L2: fetched while this tile multiplies.
+      for (int64_t e = e0 + kAmxRows; e < std::min(e0 + 2 * kAmxRows, gr.starts[g + 1]); ++e) {
+        const char* row = reinterpret_cast<const char*>(X + (gr.entries[e].second / K) * xrow);
+        for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+      }
+      REMIX_TILE_FENCE();
+      // Four accumulators in turn: a multiply into the tile the previous one wrote would wait out its latency.
+#define REMIX_SHRINK_STEP(a, b, acc, c)                   \
+  _tile_loadd(a, xbuf.data() + (c) * 16, Dp * 2);         \
+  _tile_loadd(b, apk.data() + (c) * 16 * ranks, ranks * 4); \
+  _tile_dpbf16ps(acc, a, b);
+      _tile_zero(2);
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      int64_t c = 0;
+      for (; c + 4 <= chunks; c += 4) {
+        REMIX_SHRINK_STEP(0, 1, 2, c)
+        REMIX_SHRINK_STEP(3, 7, 4, c + 1)
+        REMIX_SHRINK_STEP(0, 1, 5, c + 2)
+        REMIX_SHRINK_STEP(3, 7, 6, c + 3)
+      }
+      if (c < chunks) { REMIX_SHRINK_STEP(0, 1, 2, c) }
+      if (c + 1 < chunks) { REMIX_SHRINK_STEP(3, 7, 4, c + 1) }
+      if (c + 2 < chunks) { REMIX_SHRINK_STEP(0, 1, 5, c + 2) }
+#undef REMIX_SHRINK_STEP
+      _tile_stored(2, prod, ranks * 4);
+      _tile_stored(4, prod + tile, ranks * 4);
+      _tile_stored(5, prod + 2 * tile, ranks * 4);
+      _tile_stored(6, prod + 3 * tile, ranks * 4);
+      for (int64_t r = 0; r < m; ++r) {
+        const int64_t idx = gr.entries[e0 + r].second;
+        uint16_t* he = H + (e0 + r) * call.KH;
+        for (int64_t j = 0; j < ranks; ++j) {  // exact split by truncation
+          const int64_t i = r * ranks + j;
+          float h = ((prod[i] + prod[tile + i]) + (prod[2 * tile + i] + prod[3 * tile + i])) * call.cf[idx + j / R];
+          for (int64_t part = 0; part < 3; ++part) {
+            const uint32_t top = float_bits(h) & 0xffff0000u;
+            he[part * ranks + j] = static_cast<uint16_t>(top >> 16);
+            h -= bits_to_float(top);
+          }
+        }
+      }
+    }
+  }
+  amx_restore(saved);
+}
+
+// 16 floats rounded to bfloat16 as float_to_bf16 rounds (to nearest even, NaN to 0x7FC0).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i round_bf16x16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// Expand of column blocks [b0, b1) (kAmxCols columns each): E[e] = H[e] B_u[:, block] for every entry, then each
+// token's out row += the sum of its entries' rows, rounded once. B_u's block is repacked per group into pair rows,
+// (B_u[2i][c], B_u[2i+1][c]), written once per part of h, zero past them: 16 pair rows, two tiles that stay loaded
+// while the group's entries go through two tiles at a time, each pair's products stored while the next pair's
+// multiply (a store waits for its multiply, tens of cycles; two sets of product tiles hide that wait).
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_expand(
+    const AmxCall& call, int64_t b0, int64_t b1, const uint16_t* Bp, const uint16_t* H, const int64_t* pos,
+    uint16_t* O, int64_t orow) {
+  const PageGroups& gr = *call.gr;
+  const int64_t R = call.R, ranks = call.ranks, N = call.N, K = gr.K, unit = call.unit;
+  const int64_t E = static_cast<int64_t>(gr.entries.size()), G = static_cast<int64_t>(gr.starts.size()) - 1;
+  const int64_t half = ranks / 2, KH = call.KH, ld = KH * 2;
+  thread_local std::vector<uint32_t> bpk_tl;  // [KH / 2, kAmxCols] pairs
+  thread_local std::vector<float> e_tl;  // [E + 32, kAmxCols]
+  auto& bpk = bpk_tl;
+  auto& Eb = e_tl;
+  bpk.assign(KH / 2 * kAmxCols, 0);
+  if (static_cast<int64_t>(Eb.size()) < (E + 2 * kAmxRows) * kAmxCols) Eb.resize((E + 2 * kAmxRows) * kAmxCols);
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                          37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  constexpr int64_t ecol = kAmxCols * 4;  // bytes per E row
+  TileConfig saved;
+  amx_configure(0, &saved);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t c0 = blk * kAmxCols, n = std::min(kAmxCols, N - c0);
+    const __mmask32 m = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t* unit_pages = call.pg + gr.entries[gr.starts[g]].second;
+      for (int64_t i = 0; i < half; ++i) {  // pair row i from the unit's rows 2i and 2i+1 (one page: R is even)
+        const int64_t page = unit_pages[2 * i / R];
+        __m512i lo = _mm512_setzero_si512(), hi = lo;
+        if (page >= 0) {
+          const uint16_t* r0 = Bp + (page * R + (2 * i) % R) * N + c0;
+          const __m512i a = _mm512_maskz_loadu_epi16(m, r0), b = _mm512_maskz_loadu_epi16(m, r0 + N);
+          lo = _mm512_permutex2var_epi16(a, lo_idx, b);
+          hi = _mm512_permutex2var_epi16(a, hi_idx, b);
+        }
+        for (int64_t part = 0; part < 3; ++part) {
+          uint32_t* dst = bpk.data() + (part * half + i) * kAmxCols;
+          _mm512_storeu_si512(dst, lo);
+          _mm512_storeu_si512(dst + 16, hi);
+        }
+      }
+      REMIX_TILE_FENCE();
+      // A group's last tiles run past it into the next group's rows (or the padding): those rows of Eb are written
+      // again when their own group comes, later in this same loop.
+      const int64_t e_end = gr.starts[g + 1];
+      if (KH == kAmxDepth) {  // B: tiles 2, 3 (two column tiles); entries two tiles at a time (0 -> 4, 5; 1 -> 6, 7)
+        _tile_loadd(2, bpk.data(), kAmxCols * 4);
+        _tile_loadd(3, bpk.data() + 16, kAmxCols * 4);
+        for (int64_t e0 = gr.starts[g]; e0 < e_end; e0 += 2 * kAmxRows) {
+          float* er = Eb.data() + e0 * kAmxCols;
+          _tile_loadd(0, H + e0 * KH, ld);
+          _tile_zero(4);
+          _tile_zero(5);
+          _tile_dpbf16ps(4, 0, 2);
+          _tile_dpbf16ps(5, 0, 3);
+          const bool second = e0 + kAmxRows < e_end;
+          if (second) {
+            _tile_loadd(1, H + (e0 + kAmxRows) * KH, ld);
+            _tile_zero(6);
+            _tile_zero(7);
+            _tile_dpbf16ps(6, 1, 2);
+            _tile_dpbf16ps(7, 1, 3);
+          }
+          _tile_stored(4, er, ecol);
+          _tile_stored(5, er + 16, ecol);
+          if (second) {
+            _tile_stored(6, er + kAmxRows * kAmxCols, ecol);
+            _tile_stored(7, er + kAmxRows * kAmxCols + 16, ecol);
+          }
+        }
+      } else {  // two contraction chunks: B tiles 2, 3 (first), 4, 5 (second); h tiles 0, 1; products 6, 7
+        _tile_loadd(2, bpk.data(), kAmxCols * 4);
+        _tile_loadd(3, bpk.data() + 16, kAmxCols * 4);
+        _tile_loadd(4, bpk.data() + 16 * kAmxCols, kAmxCols * 4);
+        _tile_loadd(5, bpk.data() + 16 * kAmxCols + 16, kAmxCols * 4);
+        for (int64_t e0 = gr.starts[g]; e0 < e_end; e0 += kAmxRows) {
+          float* er = Eb.data() + e0 * kAmxCols;
+          _tile_loadd(0, H + e0 * KH, ld);
+          _tile_loadd(1, H + e0 * KH + kAmxDepth, ld);
+          _tile_zero(6);
+          _tile_zero(7);
+          _tile_dpbf16ps(6, 0, 2);
+          _tile_dpbf16ps(7, 0, 3);
+          _tile_dpbf16ps(6, 1, 4);
+          _tile_dpbf16ps(7, 1, 5);
+          _tile_stored(6, er, ecol);
+          _tile_stored(7, er + 16, ecol);
+        }
+      }
+    }
+    const __mmask16 m_lo = static_cast<__mmask16>(m), m_hi = static_cast<__mmask16>(m >> 16);
+    const int64_t U = static_cast<int64_t>(gr.tokens.size());
+    for (int64_t u = 0; u < U; ++u) {  // out[t] = round(out[t] + the sum over t's units, in pick order)
+      // out's rows are N * 2 bytes apart, a stride the hardware prefetchers do not follow: fetch ahead by hand.
+      if (u + kOutPrefetch < U)
+        _mm_prefetch(reinterpret_cast<const char*>(O + gr.tokens[u + kOutPrefetch] * orow + c0), _MM_HINT_T0);
+      const int64_t t = gr.tokens[u];
+      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+      for (int64_t q = 0; q < K; q += unit) {
+        const int64_t e = pos[t * K + q];
+        if (e < 0) continue;
+        const float* er = Eb.data() + e * kAmxCols;
+        s0 = _mm512_add_ps(s0, _mm512_loadu_ps(er));
+        s1 = _mm512_add_ps(s1, _mm512_loadu_ps(er + 16));
+      }
+      uint16_t* ot = O + t * orow + c0;
+      const __m512 o0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m_lo, ot)), 16));
+      const __m512 o1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m_hi, ot + 16)), 16));
+      _mm256_mask_storeu_epi16(ot, m_lo, round_bf16x16(_mm512_add_ps(o0, s0)));
+      _mm256_mask_storeu_epi16(ot + 16, m_hi, round_bf16x16(_mm512_add_ps(o1, s1)));
+    }
+  }
+  amx_restore(saved);
+}
+
+// pool_lora_add on the matrix units for one chunk of a bf16 call: units grouped, shrink, expand; false (nothing
+// done) where the units' tokens are too few to fill tiles. A unit is a pick's pages_per_pick pages when they fit
+// one tile (unit * r_page <= 16) and every unit with the same first page lists the same pages (as the pool's page
+// tables do; else one page per unit).
+bool pool_lora_add_amx(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& B,
+                       const int64_t* pg, const float* cf, int64_t K, int64_t pages_per_pick) {
+  const int64_t T = out.size(0), N = out.size(1), D = x.size(1), R = A.size(1);
+  thread_local PageGroups groups_tl;
+  thread_local std::vector<uint16_t> h_tl;
+  thread_local std::vector<int64_t> pos_tl;
+  auto& groups = groups_tl;
+  auto& H = h_tl;
+  auto& pos = pos_tl;
+  int64_t unit = pages_per_pick > 1 && pages_per_pick * R <= kAmxMaxRanks ? pages_per_pick : 1;
+  if (!groups.build(pg, T, K, A.size(0), unit)) {
+    unit = 1;
+    groups.build(pg, T, K, A.size(0), unit);
+  }
+  const int64_t E = static_cast<int64_t>(groups.entries.size()), G = static_cast<int64_t>(groups.starts.size()) - 1;
+  if (E == 0) return true;
+  if (E < kAmxMinEntriesPerUnit * G) return false;
+  const int64_t ranks = unit * R;
+  const AmxCall call{&groups, pg, cf, unit, R, ranks, D, N, 3 * ranks <= kAmxDepth ? kAmxDepth : 2 * kAmxDepth};
+  H.assign((E + 2 * kAmxRows) * call.KH, 0);  // h's parts, zero past them, per entry
+  pos.assign(T * K, -1);
+  for (int64_t e = 0; e < E; ++e) pos[groups.entries[e].second] = e;
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* Ap = reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>());
+  const auto* Bp = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
+  auto* O = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) { amx_shrink(call, g0, g1, X, x.stride(0), Ap, H.data()); });
+  const int64_t blocks = (N + kAmxCols - 1) / kAmxCols;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    amx_expand(call, b0, b1, Bp, H.data(), pos.data(), O, out.stride(0));
+  });
+  return true;
+}
+#endif
+
 // out[t] += sum_q coef[t, q] * (x[t] A[p]^T) B[p], p = pages[t, q], page -1 skipped: pool/delta.py's
 // lora_add_reference, the contract (float32 accumulation, one rounding into out per token). A token reads only
 // its own listed pages, K * r_page * (in + N) values, whatever the pool's size; a token whose pages are all -1 is
 // not touched. out and x may be column slices (contiguous rows at any stride). bf16 dots use AVX512-BF16 on x and
-// A as they are; otherwise x[t] is widened once per token and A pages not in float32 once per page.
+// A as they are; otherwise x[t] is widened once per token and A pages not in float32 once per page. bf16 calls of
+// kAmxMinTokens or more run on AMX where the CPU has it. pages_per_pick (dividing K) says that each run of that
+// many pages in a token's list is one pick's LoRA (as pool_route lists them), which the AMX path then takes as one
+// matrix; the result does not depend on it.
 void pool_lora_add(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& B,
-                   const torch::Tensor& pages_, const torch::Tensor& coef_) {
+                   const torch::Tensor& pages_, const torch::Tensor& coef_, int64_t pages_per_pick) {
   check_cpu("pool_lora_add", {&out, &x, &A, &B, &pages_, &coef_});
   TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1, "pool_lora_add: out must be [T, N] with contiguous rows");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "pool_lora_add: x must be [T, in] with contiguous rows");
@@ -616,6 +1012,8 @@ void pool_lora_add(const torch::Tensor& out, const torch::Tensor& x, const torch
   TORCH_CHECK(A.size(2) == D && B.size(0) == P && B.size(1) == R && B.size(2) == N, "pool_lora_add: A is [",
               A.size(0), ", ", A.size(1), ", ", A.size(2), "] and B [", B.size(0), ", ", B.size(1), ", ", B.size(2),
               "], expected [P, r_page, ", D, "] and [P, r_page, ", N, "] for x [T, ", D, "] and out [T, ", N, "]");
+  TORCH_CHECK(pages_per_pick >= 1 && K % pages_per_pick == 0, "pool_lora_add: pages_per_pick=", pages_per_pick,
+              " must be at least 1 and divide the pages per token, K=", K);
   const auto pages = pages_.contiguous(), coef = coef_.contiguous();
   const int64_t* pg = pages.data_ptr<int64_t>();
   const float* cf = coef.data_ptr<float>();
@@ -627,14 +1025,29 @@ void pool_lora_add(const torch::Tensor& out, const torch::Tensor& x, const torch
 #ifdef REMIX_HAS_BF16_DOT
   bf16_dot = dtype == at::kBFloat16 && cpu_has_bf16_dot();
 #endif
-  if (T >= kPageMajorMinTokens) {
-    // In chunks of kPageMajorMaxTokens tokens, so that the chunk's float32 accumulator stays in L2 (a whole
-    // prefill's is megabytes: 2.0 us per token at 4096 tokens against 1.1 at 127, bench/micro/cpu_pool_lora.py).
-    for (int64_t start = 0; start < T; start += kPageMajorMaxTokens) {
-      const int64_t n = std::min(kPageMajorMaxTokens, T - start);
-      pool_lora_add_by_page(out.narrow(0, start, n), x.narrow(0, start, n), A, B, pg + start * K, cf + start * K, K,
-                            bf16_dot);
+  // Tokens [start, start + n) page by page, in chunks of kPageMajorMaxTokens tokens, so that the chunk's float32
+  // accumulator stays in L2 (a whole prefill's is megabytes: 2.0 us per token at 4096 tokens against 1.1 at 127,
+  // bench/micro/cpu_pool_lora.py).
+  const auto page_major = [&](int64_t start, int64_t n) {
+    for (int64_t s = start; s < start + n; s += kPageMajorMaxTokens) {
+      const int64_t m = std::min(kPageMajorMaxTokens, start + n - s);
+      pool_lora_add_by_page(out.narrow(0, s, m), x.narrow(0, s, m), A, B, pg + s * K, cf + s * K, K, bf16_dot);
     }
+  };
+  if (T >= kPageMajorMinTokens) {
+#ifdef REMIX_HAS_AMX
+    if (dtype == at::kBFloat16 && T >= kAmxMinTokens && R % 2 == 0 && R <= 16 && D % 2 == 0 && amx_allowed &&
+        cpu_has_amx_bf16()) {
+      for (int64_t start = 0; start < T; start += kAmxMaxTokens) {
+        const int64_t n = std::min(kAmxMaxTokens, T - start);
+        if (!pool_lora_add_amx(out.narrow(0, start, n), x.narrow(0, start, n), A, B, pg + start * K, cf + start * K,
+                               K, pages_per_pick))
+          page_major(start, n);
+      }
+      return;
+    }
+#endif
+    page_major(0, T);
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kPoolMacsPerChunk / std::max<int64_t>(1, K * R * (D + N)));
@@ -805,6 +1218,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_route", &pool_route, "pages, coef and ids of the adapter pool's per-token routing for one layer",
         py::arg("x"), py::arg("routers"), py::arg("bias"), py::arg("k"), py::arg("softmax"), py::arg("slots"),
         py::arg("tables"), py::arg("k_max"));
+  m.def("amx_available", [] {
+#ifdef REMIX_HAS_AMX
+    return cpu_has_amx_bf16();
+#else
+    return false;
+#endif
+  }, "whether pool_lora_add can use the AMX-BF16 matrix units here");
+  m.def("set_amx", [](bool on) {
+#ifdef REMIX_HAS_AMX
+    const bool was = amx_allowed;
+    amx_allowed = on;
+    return was;
+#else
+    return false;
+#endif
+  }, "allow (or not) pool_lora_add's AMX path; returns the previous setting", py::arg("on"));
   m.def("pool_lora_add", &pool_lora_add, "out += the pool's per-token page delta, in place", py::arg("out"),
-        py::arg("x"), py::arg("A"), py::arg("B"), py::arg("pages"), py::arg("coef"));
+        py::arg("x"), py::arg("A"), py::arg("B"), py::arg("pages"), py::arg("coef"), py::arg("pages_per_pick") = 1);
 }

@@ -58,15 +58,22 @@ def lora_add_reference(
 
 
 def lora_add(
-    out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, pages: torch.Tensor, coef: torch.Tensor
+    out: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    pages: torch.Tensor,
+    coef: torch.Tensor,
+    pages_per_pick: int = 1,
 ) -> torch.Tensor:
     """`lora_add_reference`'s result, by the fastest implementation available for these tensors: the C++ kernel on
     the CPU, the Triton custom op `remix::pool_lora_add_triton` on CUDA (`pool/triton_kernels.py`; also on CPU
-    tensors in a test process that runs Triton's interpreter without the C++ kernel), else the reference."""
+    tensors in a test process that runs Triton's interpreter without the C++ kernel), else the reference.
+    `pages_per_pick`: pages of one pick's LoRA in each token's list (a grouping hint for the CPU kernel)."""
     from remix_serve.vllm_plugin import cpu_kernels
 
     if out.device.type == "cpu" and cpu_kernels.available():
-        cpu_kernels.pool_lora_add(out, x, A, B, pages, coef)
+        cpu_kernels.pool_lora_add(out, x, A, B, pages, coef, pages_per_pick)
         return out
     from remix_serve.vllm_plugin.pool import triton_kernels
 

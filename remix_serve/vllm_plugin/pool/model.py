@@ -252,9 +252,9 @@ class AdapterPool(nn.Module):
         """Add the delta of `store`'s pages into columns `[offset, offset + N)` of `out`, in place."""
         A, B = getattr(self, f"A_{store}"), getattr(self, f"B_{store}")
         if not torch.compiler.is_compiling():
-            delta.lora_add(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef)
+            delta.lora_add(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef, self.pages_per_lora)
         elif self.cpu_kernels:  # compiled: ops that take the whole output and the offset, never a view
-            cpu_kernels.pool_lora_add_op(out, offset, x, A, B, pages, coef)
+            cpu_kernels.pool_lora_add_op(out, offset, x, A, B, pages, coef, self.pages_per_lora)
         elif triton_kernels.usable(out.device):
             torch.ops.remix.pool_lora_add_triton(out, offset, x, A, B, pages, coef)
         else:
