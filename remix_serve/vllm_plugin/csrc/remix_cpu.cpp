@@ -976,8 +976,15 @@ bool pool_lora_add_amx(const torch::Tensor& out, const torch::Tensor& x, const t
   const auto* Ap = reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>());
   const auto* Bp = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
   auto* O = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) { amx_shrink(call, g0, g1, X, x.stride(0), Ap, H.data()); });
+  // Small calls (a decode step's) run on the calling thread, as in pool_lora_add_by_page: waking the pool costs more.
+  const bool inline_only = E * ranks * (D + N) < 8 * kPoolMacsPerChunk;
   const int64_t blocks = (N + kAmxCols - 1) / kAmxCols;
+  if (inline_only) {
+    amx_shrink(call, 0, G, X, x.stride(0), Ap, H.data());
+    amx_expand(call, 0, blocks, Bp, H.data(), pos.data(), O, out.stride(0));
+    return true;
+  }
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) { amx_shrink(call, g0, g1, X, x.stride(0), Ap, H.data()); });
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     amx_expand(call, b0, b1, Bp, H.data(), pos.data(), O, out.stride(0));
   });
