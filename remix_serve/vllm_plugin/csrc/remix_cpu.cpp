@@ -855,6 +855,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t c0 = blk * kAmxCols, n = std::min(kAmxCols, N - c0);
     const __mmask32 m = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+    int64_t pending = -1;  // the first entry of the tile whose products wait in 4, 5 (odd) or 6, 7 (even)
+    bool odd = false;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t* unit_pages = call.pg + gr.entries[gr.starts[g]].second;
       for (int64_t i = 0; i < half; ++i) {  // pair row i from the unit's rows 2i and 2i+1 (one page: R is even)
@@ -876,30 +878,32 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
       // A group's last tiles run past it into the next group's rows (or the padding): those rows of Eb are written
       // again when their own group comes, later in this same loop.
       const int64_t e_end = gr.starts[g + 1];
-      if (KH == kAmxDepth) {  // B: tiles 2, 3 (two column tiles); entries two tiles at a time (0 -> 4, 5; 1 -> 6, 7)
+      if (KH == kAmxDepth) {  // B: tiles 2, 3 (two column tiles); h tiles 0 and 1 in turn, into products 4, 5 / 6, 7
         _tile_loadd(2, bpk.data(), kAmxCols * 4);
         _tile_loadd(3, bpk.data() + 16, kAmxCols * 4);
-        for (int64_t e0 = gr.starts[g]; e0 < e_end; e0 += 2 * kAmxRows) {
-          float* er = Eb.data() + e0 * kAmxCols;
-          _tile_loadd(0, H + e0 * KH, ld);
-          _tile_zero(4);
-          _tile_zero(5);
-          _tile_dpbf16ps(4, 0, 2);
-          _tile_dpbf16ps(5, 0, 3);
-          const bool second = e0 + kAmxRows < e_end;
-          if (second) {
-            _tile_loadd(1, H + (e0 + kAmxRows) * KH, ld);
+        // Software-pipelined: each tile's products are stored after the next tile's multiplies are issued, and the
+        // previous group's last tile after this group's first (its rows past that group are then written again).
+        for (int64_t e0 = gr.starts[g]; e0 < e_end; e0 += kAmxRows, odd = !odd) {
+          if (!odd) {
+            _tile_loadd(0, H + e0 * KH, ld);
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(5, 0, 3);
+            if (pending >= 0) {
+              _tile_stored(6, Eb.data() + pending * kAmxCols, ecol);
+              _tile_stored(7, Eb.data() + pending * kAmxCols + 16, ecol);
+            }
+          } else {
+            _tile_loadd(1, H + e0 * KH, ld);
             _tile_zero(6);
             _tile_zero(7);
             _tile_dpbf16ps(6, 1, 2);
             _tile_dpbf16ps(7, 1, 3);
+            _tile_stored(4, Eb.data() + pending * kAmxCols, ecol);
+            _tile_stored(5, Eb.data() + pending * kAmxCols + 16, ecol);
           }
-          _tile_stored(4, er, ecol);
-          _tile_stored(5, er + 16, ecol);
-          if (second) {
-            _tile_stored(6, er + kAmxRows * kAmxCols, ecol);
-            _tile_stored(7, er + kAmxRows * kAmxCols + 16, ecol);
-          }
+          pending = e0;
         }
       } else {  // two contraction chunks: B tiles 2, 3 (first), 4, 5 (second); h tiles 0, 1; products 6, 7
         _tile_loadd(2, bpk.data(), kAmxCols * 4);
@@ -919,6 +923,15 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
           _tile_stored(6, er, ecol);
           _tile_stored(7, er + 16, ecol);
         }
+      }
+    }
+    if (pending >= 0 && KH == kAmxDepth) {  // the last tile's products
+      if (odd) {
+        _tile_stored(4, Eb.data() + pending * kAmxCols, ecol);
+        _tile_stored(5, Eb.data() + pending * kAmxCols + 16, ecol);
+      } else {
+        _tile_stored(6, Eb.data() + pending * kAmxCols, ecol);
+        _tile_stored(7, Eb.data() + pending * kAmxCols + 16, ecol);
       }
     }
     const __mmask16 m_lo = static_cast<__mmask16>(m), m_hi = static_cast<__mmask16>(m >> 16);
