@@ -738,6 +738,30 @@ struct AmxCall {
   int64_t KH;  // an entry's row of h's three parts, zero past them: 32 (up to 10 ranks) or 64
 };
 
+// r[i] = column i of the 16 x 16 matrix of 32-bit values whose rows are r[0..15].
+__attribute__((target("avx512f"))) inline void transpose16x16_epi32(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // quads: each 128-bit lane now holds a 4 x 4 block's column
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int h = 0; h < 2; ++h)  // then the 128-bit lanes
+    for (int m = 0; m < 4; ++m) {
+      t[8 * h + m] = _mm512_shuffle_i32x4(r[8 * h + m], r[8 * h + 4 + m], 0x88);
+      t[8 * h + 4 + m] = _mm512_shuffle_i32x4(r[8 * h + m], r[8 * h + 4 + m], 0xdd);
+    }
+  for (int m = 0; m < 8; ++m) {
+    r[m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0x88);
+    r[8 + m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0xdd);
+  }
+}
+
 // Shrink of groups [g0, g1): H[e] = (x[t] A_u^T) * coef, split into bf16 parts, for entry e = (t, unit u). The
 // unit's A rows (its pages' rows in order; zeros for a -1 page) are repacked once per group into the tile's pair
 // layout, apk[c][i][j] = (A_u[j][32c+2i], A_u[j][32c+2i+1]).
@@ -755,6 +779,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
   apk.assign(chunks * 16 * ranks, 0);
   alignas(64) float prod[4 * kAmxRows * kAmxMaxRanks];
   const int64_t tile = kAmxRows * ranks;
+  const __mmask16 rank_mask = static_cast<__mmask16>((1u << ranks) - 1);
   TileConfig saved;
   amx_configure(ranks, &saved);
   for (int64_t g = g0; g < g1; ++g) {
@@ -764,7 +789,15 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
       const int64_t page = unit_pages[j / R];
       rows[j] = page < 0 ? zeros.data() : reinterpret_cast<const uint32_t*>(Ap + (page * R + j % R) * D);
     }
-    for (int64_t w = 0; w < D / 2; ++w)  // written in order, read as `ranks` streams
+    const int64_t W = D / 2;
+    int64_t w0 = 0;
+    for (; w0 + 16 <= W; w0 += 16) {  // 16 pairs of each row at a time: one 16 x 16 transpose
+      __m512i blk[16];
+      for (int64_t j = 0; j < 16; ++j) blk[j] = j < ranks ? _mm512_loadu_si512(rows[j] + w0) : _mm512_setzero_si512();
+      transpose16x16_epi32(blk);
+      for (int64_t i = 0; i < 16; ++i) _mm512_mask_storeu_epi32(apk.data() + (w0 + i) * ranks, rank_mask, blk[i]);
+    }
+    for (int64_t w = w0; w < W; ++w)
       for (int64_t j = 0; j < ranks; ++j) apk[w * ranks + j] = rows[j][w];
     for (int64_t e0 = gr.starts[g]; e0 < gr.starts[g + 1]; e0 += kAmxRows) {
       const int64_t m = std::min(kAmxRows, gr.starts[g + 1] - e0);
