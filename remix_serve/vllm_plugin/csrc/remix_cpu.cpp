@@ -738,6 +738,12 @@ struct AmxCall {
   int64_t KH;  // an entry's row of h's three parts, zero past them: 32 (up to 10 ranks) or 64
 };
 
+// p rounded up to a multiple of 64 bytes (a buffer allocated 64 bytes longer than it needs).
+template <typename T>
+T* align64(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
 // r[i] = column i of the 16 x 16 matrix of 32-bit values whose rows are r[0..15].
 __attribute__((target("avx512f"))) inline void transpose16x16_epi32(__m512i* r) {
   __m512i t[16];
@@ -775,8 +781,10 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
   auto& apk = apk_tl;
   auto& zeros = zeros_tl;
   zeros.assign(D / 2, 0);
-  xbuf.assign(kAmxRows * Dp / 2, 0);  // zero columns past D: 0 x (A's zero padding) must not meet a NaN
-  apk.assign(chunks * 16 * ranks, 0);
+  xbuf.assign(kAmxRows * Dp / 2 + 16, 0);  // zero columns past D: 0 x (A's zero padding) must not meet a NaN
+  apk.assign(chunks * 16 * ranks + 16, 0);
+  uint32_t* const xb = align64(xbuf.data());  // tile rows on cache-line boundaries (as align64 says)
+  uint32_t* const ap = align64(apk.data());
   alignas(64) float prod[4 * kAmxRows * kAmxMaxRanks];
   const int64_t tile = kAmxRows * ranks;
   const __mmask16 rank_mask = static_cast<__mmask16>((1u << ranks) - 1);
@@ -795,14 +803,14 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
       __m512i blk[16];
       for (int64_t j = 0; j < 16; ++j) blk[j] = j < ranks ? _mm512_loadu_si512(rows[j] + w0) : _mm512_setzero_si512();
       transpose16x16_epi32(blk);
-      for (int64_t i = 0; i < 16; ++i) _mm512_mask_storeu_epi32(apk.data() + (w0 + i) * ranks, rank_mask, blk[i]);
+      for (int64_t i = 0; i < 16; ++i) _mm512_mask_storeu_epi32(ap + (w0 + i) * ranks, rank_mask, blk[i]);
     }
     for (int64_t w = w0; w < W; ++w)
-      for (int64_t j = 0; j < ranks; ++j) apk[w * ranks + j] = rows[j][w];
+      for (int64_t j = 0; j < ranks; ++j) ap[w * ranks + j] = rows[j][w];
     for (int64_t e0 = gr.starts[g]; e0 < gr.starts[g + 1]; e0 += kAmxRows) {
       const int64_t m = std::min(kAmxRows, gr.starts[g + 1] - e0);
       for (int64_t r = 0; r < m; ++r)
-        std::memcpy(xbuf.data() + r * Dp / 2, X + (gr.entries[e0 + r].second / K) * xrow, D * 2);
+        std::memcpy(xb + r * Dp / 2, X + (gr.entries[e0 + r].second / K) * xrow, D * 2);
       // The next tile's x rows, scattered over a buffer larger than L2: fetched while this tile multiplies.
       for (int64_t e = e0 + kAmxRows; e < std::min(e0 + 2 * kAmxRows, gr.starts[g + 1]); ++e) {
         const char* row = reinterpret_cast<const char*>(X + (gr.entries[e].second / K) * xrow);
@@ -811,8 +819,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
       REMIX_TILE_FENCE();
       // Four accumulators in turn: a multiply into the tile the previous one wrote would wait out its latency.
 #define REMIX_SHRINK_STEP(a, b, acc, c)                   \
-  _tile_loadd(a, xbuf.data() + (c) * 16, Dp * 2);         \
-  _tile_loadd(b, apk.data() + (c) * 16 * ranks, ranks * 4); \
+  _tile_loadd(a, xb + (c) * 16, Dp * 2);                  \
+  _tile_loadd(b, ap + (c) * 16 * ranks, ranks * 4);        \
   _tile_dpbf16ps(acc, a, b);
       _tile_zero(2);
       _tile_zero(4);
@@ -877,8 +885,12 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
   thread_local std::vector<float> e_tl;  // [E + 32, kAmxCols]
   auto& bpk = bpk_tl;
   auto& Eb = e_tl;
-  bpk.assign(KH / 2 * kAmxCols, 0);
-  if (static_cast<int64_t>(Eb.size()) < (E + 2 * kAmxRows) * kAmxCols) Eb.resize((E + 2 * kAmxRows) * kAmxCols);
+  bpk.assign(KH / 2 * kAmxCols + 16, 0);
+  uint32_t* const bp = align64(bpk.data());
+  if (static_cast<int64_t>(Eb.size()) < (E + 2 * kAmxRows + 16) * kAmxCols) Eb.resize((E + 2 * kAmxRows + 16) * kAmxCols);
+  // Rows on cache-line boundaries: a tile row's store then writes whole lines (a vector's 16-byte alignment
+  // split each 64-byte row over two lines).
+  float* const E_rows = align64(Eb.data());
   const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                           37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
@@ -902,7 +914,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
           hi = _mm512_permutex2var_epi16(a, hi_idx, b);
         }
         for (int64_t part = 0; part < 3; ++part) {
-          uint32_t* dst = bpk.data() + (part * half + i) * kAmxCols;
+          uint32_t* dst = bp + (part * half + i) * kAmxCols;
           _mm512_storeu_si512(dst, lo);
           _mm512_storeu_si512(dst + 16, hi);
         }
@@ -912,8 +924,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
       // again when their own group comes, later in this same loop.
       const int64_t e_end = gr.starts[g + 1];
       if (KH == kAmxDepth) {  // B: tiles 2, 3 (two column tiles); h tiles 0 and 1 in turn, into products 4, 5 / 6, 7
-        _tile_loadd(2, bpk.data(), kAmxCols * 4);
-        _tile_loadd(3, bpk.data() + 16, kAmxCols * 4);
+        _tile_loadd(2, bp, kAmxCols * 4);
+        _tile_loadd(3, bp + 16, kAmxCols * 4);
         // Software-pipelined: each tile's products are stored after the next tile's multiplies are issued, and the
         // previous group's last tile after this group's first (its rows past that group are then written again).
         for (int64_t e0 = gr.starts[g]; e0 < e_end; e0 += kAmxRows, odd = !odd) {
@@ -924,8 +936,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
             _tile_dpbf16ps(4, 0, 2);
             _tile_dpbf16ps(5, 0, 3);
             if (pending >= 0) {
-              _tile_stored(6, Eb.data() + pending * kAmxCols, ecol);
-              _tile_stored(7, Eb.data() + pending * kAmxCols + 16, ecol);
+              _tile_stored(6, E_rows + pending * kAmxCols, ecol);
+              _tile_stored(7, E_rows + pending * kAmxCols + 16, ecol);
             }
           } else {
             _tile_loadd(1, H + e0 * KH, ld);
@@ -933,18 +945,18 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
             _tile_zero(7);
             _tile_dpbf16ps(6, 1, 2);
             _tile_dpbf16ps(7, 1, 3);
-            _tile_stored(4, Eb.data() + pending * kAmxCols, ecol);
-            _tile_stored(5, Eb.data() + pending * kAmxCols + 16, ecol);
+            _tile_stored(4, E_rows + pending * kAmxCols, ecol);
+            _tile_stored(5, E_rows + pending * kAmxCols + 16, ecol);
           }
           pending = e0;
         }
       } else {  // two contraction chunks: B tiles 2, 3 (first), 4, 5 (second); h tiles 0, 1; products 6, 7
-        _tile_loadd(2, bpk.data(), kAmxCols * 4);
-        _tile_loadd(3, bpk.data() + 16, kAmxCols * 4);
-        _tile_loadd(4, bpk.data() + 16 * kAmxCols, kAmxCols * 4);
-        _tile_loadd(5, bpk.data() + 16 * kAmxCols + 16, kAmxCols * 4);
+        _tile_loadd(2, bp, kAmxCols * 4);
+        _tile_loadd(3, bp + 16, kAmxCols * 4);
+        _tile_loadd(4, bp + 16 * kAmxCols, kAmxCols * 4);
+        _tile_loadd(5, bp + 16 * kAmxCols + 16, kAmxCols * 4);
         for (int64_t e0 = gr.starts[g]; e0 < e_end; e0 += kAmxRows) {
-          float* er = Eb.data() + e0 * kAmxCols;
+          float* er = E_rows + e0 * kAmxCols;
           _tile_loadd(0, H + e0 * KH, ld);
           _tile_loadd(1, H + e0 * KH + kAmxDepth, ld);
           _tile_zero(6);
@@ -960,11 +972,11 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
     }
     if (pending >= 0 && KH == kAmxDepth) {  // the last tile's products
       if (odd) {
-        _tile_stored(4, Eb.data() + pending * kAmxCols, ecol);
-        _tile_stored(5, Eb.data() + pending * kAmxCols + 16, ecol);
+        _tile_stored(4, E_rows + pending * kAmxCols, ecol);
+        _tile_stored(5, E_rows + pending * kAmxCols + 16, ecol);
       } else {
-        _tile_stored(6, Eb.data() + pending * kAmxCols, ecol);
-        _tile_stored(7, Eb.data() + pending * kAmxCols + 16, ecol);
+        _tile_stored(6, E_rows + pending * kAmxCols, ecol);
+        _tile_stored(7, E_rows + pending * kAmxCols + 16, ecol);
       }
     }
     const __mmask16 m_lo = static_cast<__mmask16>(m), m_hi = static_cast<__mmask16>(m >> 16);
@@ -978,7 +990,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
       for (int64_t q = 0; q < K; q += unit) {
         const int64_t e = pos[t * K + q];
         if (e < 0) continue;
-        const float* er = Eb.data() + e * kAmxCols;
+        const float* er = E_rows + e * kAmxCols;
         s0 = _mm512_add_ps(s0, _mm512_loadu_ps(er));
         s1 = _mm512_add_ps(s1, _mm512_loadu_ps(er + 16));
       }
@@ -1015,7 +1027,8 @@ bool pool_lora_add_amx(const torch::Tensor& out, const torch::Tensor& x, const t
   if (E < kAmxMinEntriesPerUnit * G) return false;
   const int64_t ranks = unit * R;
   const AmxCall call{&groups, pg, cf, unit, R, ranks, D, N, 3 * ranks <= kAmxDepth ? kAmxDepth : 2 * kAmxDepth};
-  H.assign((E + 2 * kAmxRows) * call.KH, 0);  // h's parts, zero past them, per entry
+  H.assign((E + 2 * kAmxRows) * call.KH + 32, 0);  // h's parts, zero past them, per entry
+  uint16_t* const Hr = align64(H.data());
   pos.assign(T * K, -1);
   for (int64_t e = 0; e < E; ++e) pos[groups.entries[e].second] = e;
   const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
@@ -1026,13 +1039,13 @@ bool pool_lora_add_amx(const torch::Tensor& out, const torch::Tensor& x, const t
   const bool inline_only = E * ranks * (D + N) < 8 * kPoolMacsPerChunk;
   const int64_t blocks = (N + kAmxCols - 1) / kAmxCols;
   if (inline_only) {
-    amx_shrink(call, 0, G, X, x.stride(0), Ap, H.data());
-    amx_expand(call, 0, blocks, Bp, H.data(), pos.data(), O, out.stride(0));
+    amx_shrink(call, 0, G, X, x.stride(0), Ap, Hr);
+    amx_expand(call, 0, blocks, Bp, Hr, pos.data(), O, out.stride(0));
     return true;
   }
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) { amx_shrink(call, g0, g1, X, x.stride(0), Ap, H.data()); });
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) { amx_shrink(call, g0, g1, X, x.stride(0), Ap, Hr); });
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    amx_expand(call, b0, b1, Bp, H.data(), pos.data(), O, out.stride(0));
+    amx_expand(call, b0, b1, Bp, Hr, pos.data(), O, out.stride(0));
   });
   return true;
 }
