@@ -49,6 +49,7 @@ class TrainArgs:
     threads: int | None = None  # torch threads; None = the CPUs this process may use
     progress: bool = True  # show a tqdm progress bar
     command: str | None = None  # command line recorded in the model card
+    trace_routing: bool = False  # Python API only: TrainResult.trace gets routing ESS per step and per eval
 
 
 # Named argument sets for `remix-train --preset NAME`: TrainArgs field values (paths relative to the repository

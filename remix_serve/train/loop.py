@@ -27,6 +27,7 @@ from remix_serve.train.args import RouterKind, TrainArgs, build_config
 from remix_serve.train.data import Example, collate, load_jsonl
 from remix_serve.train.evaluate import EvalResult, evaluate, usage_stats
 from remix_serve.train.loss import batch_loss
+from remix_serve.train.trace import RoutingTrace
 
 
 @dataclass
@@ -35,6 +36,9 @@ class TrainResult:
     config: RemixConfig
     steps: int
     stopped_by: str | None  # "SIGINT" / "SIGTERM" when a signal ended the run early
+    # With TrainArgs.trace_routing: {"steps": [{"step", "router_ess", "weight_ess"}] from each step's training
+    # forwards, "evals": [{"step", "eval_loss", "weight_ess", "usage_ess", "router_ess"}] at each eval}; else {}.
+    trace: dict = field(default_factory=dict)
 
 
 def batch_order(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -216,6 +220,7 @@ def _train_step(
     start: _Start,
     generator: torch.Generator,
     max_grad_norm: float,
+    trace: RoutingTrace | None = None,
 ) -> tuple[float, float, int]:
     """Forward and backward over each micro-batch (gradients accumulate), clip, step.
 
@@ -223,7 +228,11 @@ def _train_step(
     """
     nll_sum, router_sum, tokens = 0.0, 0.0, 0
     for batch, scale in micro_batches:
-        loss, nll, router_term = batch_loss(model, batch, start.router, start.samples, generator)
+        if trace is not None:
+            with trace.batch(batch["attention_mask"]):
+                loss, nll, router_term = batch_loss(model, batch, start.router, start.samples, generator)
+        else:
+            loss, nll, router_term = batch_loss(model, batch, start.router, start.samples, generator)
         (loss * scale).backward()
         nll_sum += float(nll.detach()) * scale  # sync point: one .item()-style read per micro-batch
         router_sum += float(router_term.detach()) * scale
@@ -245,6 +254,7 @@ class _Progress:
     initial_eval: EvalResult | None = None
     recent: list[float] = field(default_factory=list)  # train losses of the last 20 steps
     tokens: int = 0  # tokens trained on in this run
+    trace: dict | None = None  # TrainResult.trace, when tracing
 
 
 def _write_checkpoint(
@@ -262,6 +272,7 @@ def _write_checkpoint(
     final = evaluate(model, data.report, data.pad_id)
     if data.eval:
         run.history.append({"step": run.step, "eval_loss": round(final.loss, 5)})
+        _trace_eval(run, final)
         print(f"step {run.step}/{run.total} eval_loss {final.loss:.6f}", flush=True)
     groups = optimizer.param_groups
     config.training = {
@@ -294,6 +305,17 @@ def _write_checkpoint(
     return config
 
 
+def _trace_eval(run: _Progress, ev: EvalResult) -> None:
+    if run.trace is not None:
+        run.trace["evals"].append({
+            "step": run.step,
+            "eval_loss": round(ev.loss, 5),
+            "weight_ess": round(ev.weight_ess, 4),
+            "usage_ess": {str(k): round(v, 4) for k, v in ev.usage_ess.items()},
+            "router_ess": {str(k): v for k, v in ev.router_ess.items()},
+        })  # fmt: skip
+
+
 def train(args: TrainArgs) -> TrainResult:
     """Train a ReMix (or baseline) adapter and write it, with a model card and routing.png, to `args.out`."""
     from tqdm import tqdm
@@ -314,18 +336,27 @@ def train(args: TrainArgs) -> TrainResult:
     batches = _step_batches(args, data, start.samples, start.step)
     rng = torch.Generator().manual_seed(args.seed * 1_000_003 + start.step)  # Gumbel noise of the routed passes
     run = _Progress(start.step, total, list(start.config.training.get("history", [])), t_start)
+    tracer = RoutingTrace(model) if args.trace_routing else None
+    run.trace = {"steps": [], "evals": []} if tracer else None
 
     with StopSignals() as stop:
         run.initial_eval = evaluate(model, data.eval, data.pad_id) if data.eval else None
         if run.initial_eval:
             run.history.append({"step": run.step, "eval_loss": round(run.initial_eval.loss, 5)})
+            _trace_eval(run, run.initial_eval)
         bar = tqdm(total=total, initial=run.step, disable=not args.progress, dynamic_ncols=True, file=sys.stderr)
         while run.step < total and stop.received is None:
             t0 = time.time()
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(run.step, total, args.warmup)
-            nll, router_term, tokens = _train_step(model, optimizer, next(batches), start, rng, args.max_grad_norm)
+            if tracer:
+                tracer.pop()  # drop what the hooks saw outside training steps (the eval forwards)
+            nll, router_term, tokens = _train_step(
+                model, optimizer, next(batches), start, rng, args.max_grad_norm, tracer
+            )
             run.step, run.tokens, run.recent = run.step + 1, run.tokens + tokens, (run.recent + [nll])[-20:]
+            if tracer:
+                run.trace["steps"].append({"step": run.step, **tracer.pop()})
             tok_s = tokens / max(time.time() - t0, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{nll:.4f}", router=f"{router_term:+.4f}", tok_s=f"{tok_s:.0f}")
@@ -337,7 +368,12 @@ def train(args: TrainArgs) -> TrainResult:
                 ev = evaluate(model, data.eval, data.pad_id)
                 tqdm.write(f"step {run.step}/{total} eval_loss {ev.loss:.4f}", file=sys.stdout)
                 run.history.append({"step": run.step, "eval_loss": round(ev.loss, 5)})
+                _trace_eval(run, ev)
         bar.close()
+        if tracer:
+            tracer.close()
         # Write the last finished step. Signals stay caught until the folder is in place.
         config = _write_checkpoint(model, args, start, data, optimizer, run, stop.received)
-    return TrainResult(path=Path(args.out), config=config, steps=run.step, stopped_by=stop.received)
+    return TrainResult(
+        path=Path(args.out), config=config, steps=run.step, stopped_by=stop.received, trace=run.trace or {}
+    )
