@@ -1,0 +1,61 @@
+"""bench/method_study.py on the tiny base: trains, evaluates through the served engine, writes the report, resumes.
+
+The numbers mean nothing (a random 2-layer model, three steps); what is checked is the machinery: one JSON per run
+and per evaluation, a second invocation that trains and serves nothing, and results.md with its four figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.engine
+
+SCRIPT = ROOT / "bench" / "method_study.py"
+METHODS = ["lora-r8", "remix-k2-M4"]  # each evaluated checkpoint costs an engine start (10-25 s)
+
+
+def _run(tiny_base: Path, work: Path, out: Path) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, str(SCRIPT), "--base", str(tiny_base), "--work", str(work), "--out", str(out),
+        "--methods", ",".join(METHODS), "--layers", "0,1", "--steps", "3", "--batch-size", "4", "--lrs", "0.001",
+        "--seeds", "0", "--sizes", "24,6,12", "--max-len", "256", "--max-tokens", "4", "--max-model-len", "512",
+        "--threads", "1",
+    ]  # fmt: skip
+    out_ = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert out_.returncode == 0, out_.stdout[-3000:] + out_.stderr[-3000:]
+    return out_
+
+
+def test_study_runs_caches_every_result_resumes_and_writes_the_report(tiny_base: Path, tmp_path: Path):
+    work, out = tmp_path / "work", tmp_path / "docs"
+    first = _run(tiny_base, work, out)
+    names = [f"{m}_lr0.001_s0" for m in METHODS]
+    for name in names:
+        run = json.loads((work / "runs" / f"{name}.json").read_text())
+        assert run["steps"] == 3 and run["dev_loss"] > 0
+        assert [s["step"] for s in run["trace"]["steps"]] == [1, 2, 3]
+        served = json.loads((work / "evals" / f"{name}.served.json").read_text())
+        assert sorted(served["accuracy"]) == sorted(["arithmetic", "capital", "code", "french", "reverse", "upper"])
+        assert json.loads((work / "evals" / f"{name}.reference.json").read_text())["test_loss"] > 0
+    assert (work / "evals" / "base.served.json").is_file()
+    assert first.stdout.count("[train] ") >= 2 * len(METHODS) and first.stdout.count("[serve] ") == len(METHODS) + 1
+
+    stamps = {p: p.stat().st_mtime_ns for p in [*(work / "runs").glob("*.json"), *(work / "evals").glob("*.json")]}
+    second = _run(tiny_base, work, out)
+    assert "[train]" not in second.stdout and "[serve]" not in second.stdout, second.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    report = (out / "results.md").read_text()
+    assert "| LoRA r=8 |" in report and "ReMix n=8 k=2 r=8 M=4" in report and "base model (no adapter)" in report
+    for png in ("study-accuracy-vs-M.png", "study-accuracy-vs-k.png", "study-routing-ess.png",
+                "study-usage-heatmaps.png"):  # fmt: skip
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in report
