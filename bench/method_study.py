@@ -98,6 +98,17 @@ class Scale:
     threads: int = 2
 
 
+def eval_every(steps: int) -> int:
+    """Dev evaluations at steps 0, steps/2 and steps: one costs about 30 optimizer steps of LoRA here, so only three
+    (routing ESS per step comes from the training forwards, at no cost)."""
+    return max(1, steps // 2)
+
+
+def dev_evals(steps: int) -> int:
+    """How many dev evaluations a run of `steps` steps makes (initial, periodic, final)."""
+    return 2 + len(range(eval_every(steps), steps, eval_every(steps)))
+
+
 def run_name(method: Method, lr: float, seed: int) -> str:
     return f"{method.name}_lr{lr:g}_s{seed}"
 
@@ -147,7 +158,7 @@ def train_run(method: Method, lr: float, seed: int, scale: Scale, work: Path, da
         out=str(work / "ckpt" / name), router=method.router, loras=method.loras, top_k=method.top_k,
         rank=method.rank, samples=max(method.samples, 2), alpha=scale.alpha, target_modules=list(scale.target_modules),
         layers=list(scale.layers), lr=lr, max_steps=scale.steps, batch_size=scale.batch_size, warmup=scale.warmup,
-        max_len=scale.max_len, seed=seed, dtype="float32", eval_every=max(1, scale.steps // 5), log_every=0,
+        max_len=scale.max_len, seed=seed, dtype="float32", eval_every=eval_every(scale.steps), log_every=0,
         threads=scale.threads, progress=False, trace_routing=True, command=f"bench/method_study.py run {name}",
     )  # fmt: skip
     print(f"[train] {name}", flush=True)
@@ -308,31 +319,32 @@ def evaluate_runs(names: list[str], scale: Scale, work: Path, data: Path) -> dic
 def calibrate(scale: Scale, work: Path, data: Path, steps: int) -> None:
     """Time each method at the study's scale; print seconds per step, fixed seconds per run and a projection.
 
-    Two runs per method, of 2 and 2 + `steps` steps, each with the study's five dev evaluations: their difference is
-    the cost of `steps` steps, the rest is what every run pays once (loading, tokenising, evaluations, writing).
+    One run of `steps` steps per method: the trace times every step and every dev evaluation, so a run of the
+    study's length is projected as loading and writing + its dev evaluations + its steps.
     """
     from remix_serve.train import TrainArgs, train
 
-    def args(m: Method, n: int) -> TrainArgs:
-        return TrainArgs(
+    per_step, fixed = {}, {}
+    for i, m in enumerate(METHODS):
+        args = TrainArgs(
             base=scale.base, data=str(data / "train.jsonl"), eval_data=str(data / "dev.jsonl"), router=m.router,
             loras=m.loras, top_k=m.top_k, rank=m.rank, samples=max(m.samples, 2), alpha=scale.alpha,
             target_modules=list(scale.target_modules), layers=list(scale.layers), batch_size=scale.batch_size,
             max_len=scale.max_len, dtype="float32", log_every=0, threads=scale.threads, progress=False,
-            trace_routing=True, out=str(work / "calibrate" / m.name), max_steps=n, eval_every=max(1, n // 5),
+            trace_routing=True, out=str(work / "calibrate" / m.name), max_steps=steps, eval_every=eval_every(steps),
         )  # fmt: skip
-
-    train(dataclasses.replace(args(METHODS[0], 1), eval_data=None))  # warm-up: first imports and allocations
-    per_step, fixed = {}, {}
-    for m in METHODS:
-        walls = []
-        for n in (2, 2 + steps):
-            t0 = time.time()
-            train(args(m, n))
-            walls.append(time.time() - t0)
-        per_step[m.name] = (walls[1] - walls[0]) / steps
-        fixed[m.name] = walls[0] - 2 * per_step[m.name]
-        print(f"[calibrate] {m.name}: {per_step[m.name]:.2f} s/step, {fixed[m.name]:.1f} s fixed per run", flush=True)
+        t0 = time.time()
+        trace = train(args).trace
+        wall = time.time() - t0
+        step_s = [s["s"] for s in trace["steps"]][1:]  # the first step pays one-off allocations
+        eval_s = statistics.mean(e["s"] for e in trace["evals"])
+        per_step[m.name] = statistics.mean(step_s)
+        load_s = wall - sum(s["s"] for s in trace["steps"]) - sum(e["s"] for e in trace["evals"])
+        fixed[m.name] = load_s + eval_s * dev_evals(scale.steps)
+        if i == 0:
+            print(f"[calibrate] one dev evaluation: {eval_s:.1f} s; loading and writing a run: {load_s:.1f} s")
+        print(f"[calibrate] {m.name}: {per_step[m.name]:.2f} s/step, {fixed[m.name]:.0f} s fixed per run "
+              f"-> {per_step[m.name] * scale.steps + fixed[m.name]:.0f} s per run", flush=True)  # fmt: skip
     runs = len(scale.lrs) + len(scale.seeds) - 1
     train_s = sum(per_step[m] * scale.steps + fixed[m] for m in per_step) * runs
     print(f"[calibrate] training: {len(METHODS)} methods x {runs} runs x {scale.steps} steps: {train_s / 60:.0f} min")

@@ -95,30 +95,41 @@ def _plot_scaling(path: Path, title: str, xlabel: str, points, refs) -> None:
     plt.close(fig)
 
 
+def _smooth(values: list[float], width: int = 10) -> list[float]:
+    """Trailing moving average (per-step statistics of one batch of 8 examples are noisy)."""
+    return [statistics.mean(values[max(0, i - width + 1) : i + 1]) for i in range(len(values))]
+
+
 def _plot_ess(path: Path, runs_by_method: dict[str, list[dict]], layer: str) -> None:
-    """Router ESS (q over n) at the last adapted layer, and weight ESS, over steps, mean over seeds."""
+    """Over training steps, mean over seeds: router ESS (q over n) at the last adapted layer, the applied weights'
+    ESS and the selection counts' (usage) ESS, both averaged over layers; 10-step moving averages."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    panels = [
+        ("router_ess", f"router ESS (q over the n LoRAs), layer {layer}"),
+        ("weight_ess", "ESS of the applied weights, mean over layers"),
+        ("usage_ess", "usage ESS of each batch's selections, mean over layers"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), dpi=110)
     for i, (label, runs) in enumerate(runs_by_method.items()):
         if not runs:
             continue
         steps = [s["step"] for s in runs[0]["trace"]["steps"]]
-        for ax, key in zip(axes, ("router_ess", "weight_ess"), strict=True):
+        for ax, (key, _) in zip(axes, panels, strict=True):
             if key == "router_ess":
                 series = [[s[key][layer] for s in r["trace"]["steps"]] for r in runs]
             else:
                 series = [[statistics.mean(s[key].values()) for s in r["trace"]["steps"]] for r in runs]
             mean = [statistics.mean(col) for col in zip(*series, strict=True)]
-            ax.plot(steps, mean, color=f"C{i}", label=label)
-    axes[0].set_title(f"router ESS of q over the n LoRAs, layer {layer} (training batches)", fontsize=8)
-    axes[1].set_title("ESS of the applied weights, mean over layers", fontsize=8)
-    for ax in axes:
-        ax.set_xlabel("step")
+            ax.plot(steps, _smooth(mean), color=f"C{i}", label=label)
+    for ax, (_, title) in zip(axes, panels, strict=True):
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("step (training batches)")
         ax.set_ylabel("ESS")
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)

@@ -36,8 +36,9 @@ class TrainResult:
     config: RemixConfig
     steps: int
     stopped_by: str | None  # "SIGINT" / "SIGTERM" when a signal ended the run early
-    # With TrainArgs.trace_routing: {"steps": [{"step", "router_ess", "weight_ess"}] from each step's training
-    # forwards, "evals": [{"step", "eval_loss", "weight_ess", "usage_ess", "router_ess"}] at each eval}; else {}.
+    # With TrainArgs.trace_routing: {"steps": [{"step", "s", "router_ess", "weight_ess", "usage_ess"}] from each
+    # step's training forwards, "evals": [{"step", "s", "eval_loss", "weight_ess", "usage_ess", "router_ess"}] at
+    # each eval}, where "s" is the seconds the step or evaluation took; else {}.
     trace: dict = field(default_factory=dict)
 
 
@@ -269,10 +270,11 @@ def _write_checkpoint(
     """Cast the adapter to the checkpoint dtype, evaluate it, and write it with its training record and report."""
     config = start.config
     _cast_adapter(model, config.torch_dtype)
+    t0 = time.time()
     final = evaluate(model, data.report, data.pad_id)
     if data.eval:
         run.history.append({"step": run.step, "eval_loss": round(final.loss, 5)})
-        _trace_eval(run, final)
+        _trace_eval(run, final, time.time() - t0)
         print(f"step {run.step}/{run.total} eval_loss {final.loss:.6f}", flush=True)
     groups = optimizer.param_groups
     config.training = {
@@ -305,10 +307,11 @@ def _write_checkpoint(
     return config
 
 
-def _trace_eval(run: _Progress, ev: EvalResult) -> None:
+def _trace_eval(run: _Progress, ev: EvalResult, seconds: float) -> None:
     if run.trace is not None:
         run.trace["evals"].append({
             "step": run.step,
+            "s": round(seconds, 3),
             "eval_loss": round(ev.loss, 5),
             "weight_ess": round(ev.weight_ess, 4),
             "usage_ess": {str(k): round(v, 4) for k, v in ev.usage_ess.items()},
@@ -340,10 +343,11 @@ def train(args: TrainArgs) -> TrainResult:
     run.trace = {"steps": [], "evals": []} if tracer else None
 
     with StopSignals() as stop:
+        t0 = time.time()
         run.initial_eval = evaluate(model, data.eval, data.pad_id) if data.eval else None
         if run.initial_eval:
             run.history.append({"step": run.step, "eval_loss": round(run.initial_eval.loss, 5)})
-            _trace_eval(run, run.initial_eval)
+            _trace_eval(run, run.initial_eval, time.time() - t0)
         bar = tqdm(total=total, initial=run.step, disable=not args.progress, dynamic_ncols=True, file=sys.stderr)
         while run.step < total and stop.received is None:
             t0 = time.time()
@@ -356,7 +360,7 @@ def train(args: TrainArgs) -> TrainResult:
             )
             run.step, run.tokens, run.recent = run.step + 1, run.tokens + tokens, (run.recent + [nll])[-20:]
             if tracer:
-                run.trace["steps"].append({"step": run.step, **tracer.pop()})
+                run.trace["steps"].append({"step": run.step, "s": round(time.time() - t0, 3), **tracer.pop()})
             tok_s = tokens / max(time.time() - t0, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{nll:.4f}", router=f"{router_term:+.4f}", tok_s=f"{tok_s:.0f}")
@@ -365,10 +369,11 @@ def train(args: TrainArgs) -> TrainResult:
                 tqdm.write(line, file=sys.stdout)
                 run.history.append({"step": run.step, "train_loss": round(nll, 5)})
             if data.eval and run.step % eval_every == 0 and run.step < total and stop.received is None:
+                t_eval = time.time()
                 ev = evaluate(model, data.eval, data.pad_id)
                 tqdm.write(f"step {run.step}/{total} eval_loss {ev.loss:.4f}", file=sys.stdout)
                 run.history.append({"step": run.step, "eval_loss": round(ev.loss, 5)})
-                _trace_eval(run, ev)
+                _trace_eval(run, ev, time.time() - t_eval)
         bar.close()
         if tracer:
             tracer.close()

@@ -18,7 +18,8 @@ from remix_serve.reference import remix_mlps
 
 
 class RoutingTrace:
-    """Per-step, per-layer means over non-padding tokens of ESS(q) (over the n LoRAs) and ESS of the weights.
+    """Per-step, per-layer means over non-padding tokens of ESS(q) (over the n LoRAs) and ESS of the weights, and the
+    ESS of the step's selection counts (usage).
 
     ESS(q) ranges 1 (the router puts all mass on one LoRA) to n; the weight ESS is k for constant weighting by
     construction and falls toward 1 when softmax weights collapse. For ReMix the training forwards are the M
@@ -29,6 +30,7 @@ class RoutingTrace:
         self.mlps = remix_mlps(model)
         self.mask: torch.Tensor | None = None  # [B, T] attention mask of the forward under way
         self._sums: dict[int, list[float]] = {}  # layer -> [sum ESS(q), sum weight ESS, tokens]
+        self._usage: dict[int, torch.Tensor] = {}  # layer -> tokens routed to each LoRA [n]
         self._handles = [m.register_forward_hook(self._hook) for m in self.mlps.values()]
 
     @torch.no_grad()
@@ -43,6 +45,8 @@ class RoutingTrace:
         s[0] += float(routing.ess(q).sum())
         s[1] += float(routing.ess(w).sum())
         s[2] += int(q.shape[0])
+        counts = (w > 0).sum(0)  # [n]
+        self._usage[module.layer] = self._usage.get(module.layer, torch.zeros_like(counts)) + counts
 
     @contextmanager
     def batch(self, attention_mask: torch.Tensor) -> Iterator[None]:
@@ -54,12 +58,14 @@ class RoutingTrace:
             self.mask = None
 
     def pop(self) -> dict:
-        """The means since the last pop: {"router_ess": {layer: v}, "weight_ess": {layer: v}}; resets the sums."""
-        out: dict = {"router_ess": {}, "weight_ess": {}}
+        """Since the last pop: {"router_ess", "weight_ess" (token means), "usage_ess" (of the selection counts)},
+        each {layer: value}; resets the sums."""
+        out: dict = {"router_ess": {}, "weight_ess": {}, "usage_ess": {}}
         for layer, (q_sum, w_sum, n) in sorted(self._sums.items()):
             out["router_ess"][str(layer)] = round(q_sum / max(n, 1), 4)
             out["weight_ess"][str(layer)] = round(w_sum / max(n, 1), 4)
-        self._sums = {}
+            out["usage_ess"][str(layer)] = round(float(routing.ess(self._usage[layer])), 4)
+        self._sums, self._usage = {}, {}
         return out
 
     def close(self) -> None:

@@ -42,7 +42,9 @@ def test_trace_averages_ess_of_q_over_real_tokens_only(tiny_base: Path):
     assert got["router_ess"]["1"] == pytest.approx(float(routing.ess(q).mean()), abs=1e-4)
     assert got["weight_ess"]["1"] == pytest.approx(float(routing.ess(w).mean()), abs=1e-4)
     assert 1.0 <= got["weight_ess"]["1"] <= 2.0 and 1.0 <= got["router_ess"]["1"] <= 4.0
-    assert trace.pop() == {"router_ess": {}, "weight_ess": {}}  # pop resets
+    counts = (w > 0).sum(0).double()
+    assert got["usage_ess"]["1"] == pytest.approx(float(counts.sum() ** 2 / (counts**2).sum()), abs=1e-4)
+    assert trace.pop() == {"router_ess": {}, "weight_ess": {}, "usage_ess": {}}  # pop resets
     trace.close()
 
 
@@ -61,6 +63,7 @@ def test_train_returns_a_trace_of_every_step_and_eval(tiny_base: Path, tmp_path:
     layers = [str(i) for i in range(2)]
     for s in steps:
         assert sorted(s["router_ess"]) == layers and all(1.0 <= v <= 4.0 for v in s["router_ess"].values())
+        assert sorted(s["usage_ess"]) == layers and s["s"] > 0
         if router == "remix":
             assert all(v == pytest.approx(2.0) for v in s["weight_ess"].values())  # constant weights: k
     assert evals[-1]["eval_loss"] == pytest.approx(result.config.training["eval_loss"], abs=1e-4)
