@@ -82,12 +82,12 @@ class Scale:
     base: str = "smollm2-135m"
     layers: tuple[int, ...] = (26, 27, 28, 29)  # top 4 of SmolLM2's 30: backward stops there
     target_modules: tuple[str, ...] = ("up_proj", "down_proj")
-    steps: int = 150
+    steps: int = 120
     batch_size: int = 8
     warmup: int = 10
     max_len: int = 128
     n_train: int = 2400
-    n_dev: int = 120
+    n_dev: int = 60
     n_test: int = 300
     data_seed: int = 0
     lrs: tuple[float, ...] = (1e-3, 3e-3)
@@ -338,7 +338,7 @@ def calibrate(scale: Scale, work: Path, data: Path, steps: int) -> None:
         wall = time.time() - t0
         step_s = [s["s"] for s in trace["steps"]][1:]  # the first step pays one-off allocations
         eval_s = statistics.mean(e["s"] for e in trace["evals"])
-        per_step[m.name] = statistics.mean(step_s)
+        per_step[m.name] = statistics.median(step_s)  # a median: other jobs on the machine slow some steps
         load_s = wall - sum(s["s"] for s in trace["steps"]) - sum(e["s"] for e in trace["evals"])
         fixed[m.name] = load_s + eval_s * dev_evals(scale.steps)
         if i == 0:
@@ -348,6 +348,18 @@ def calibrate(scale: Scale, work: Path, data: Path, steps: int) -> None:
     runs = len(scale.lrs) + len(scale.seeds) - 1
     train_s = sum(per_step[m] * scale.steps + fixed[m] for m in per_step) * runs
     print(f"[calibrate] training: {len(METHODS)} methods x {runs} runs x {scale.steps} steps: {train_s / 60:.0f} min")
+    ckpt = work / "calibrate" / "remix-k2-M4"
+    t0 = time.time()
+    reference_eval(ckpt, data, scale)
+    ref_s = time.time() - t0
+    t0 = time.time()
+    serve_eval([(ckpt, work / "calibrate" / "served.json")], data, scale)
+    serve_s = time.time() - t0
+    n_evals = len(METHODS) * len(scale.seeds)
+    eval_s = n_evals * (ref_s + serve_s) + serve_s  # + the bare base, once
+    print(f"[calibrate] one evaluation: reference {ref_s:.0f} s, served {serve_s:.0f} s (child process included);"
+          f" {n_evals} runs + the base: {eval_s / 60:.0f} min")  # fmt: skip
+    print(f"[calibrate] projected study: {(train_s + eval_s) / 60:.0f} min")
 
 
 def run_study(scale: Scale, work: Path, out: Path, methods: list[Method], argv: list[str]) -> None:
@@ -382,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=Scale.batch_size)
     p.add_argument("--lrs", default=",".join(f"{x:g}" for x in Scale.lrs))
     p.add_argument("--seeds", default=",".join(map(str, Scale.seeds)))
-    p.add_argument("--sizes", help="train,dev,test examples (default 2400,120,300)")
+    p.add_argument("--sizes", help="train,dev,test examples (default 2400,60,300)")
     p.add_argument("--max-tokens", type=int, default=Scale.max_tokens, help="answer tokens generated")
     p.add_argument("--max-len", type=int, default=Scale.max_len, help="training tokens per example (at most)")
     p.add_argument("--max-model-len", type=int, default=Scale.max_model_len, help="the engine's context")
