@@ -293,8 +293,9 @@ def _scale_dict(scale: Scale) -> dict:
     return dataclasses.asdict(scale)
 
 
-def evaluate_runs(names: list[str], scale: Scale, work: Path, data: Path) -> dict[str, dict]:
-    """Reference and served evaluations of the named runs (cached in work/evals); returns name -> merged result."""
+def evaluate_runs(names: list[str], scale: Scale, work: Path, data: Path, with_base: bool = True) -> dict[str, dict]:
+    """Reference and served evaluations of the named runs (cached in work/evals), and with `with_base` the bare
+    base's served accuracy under "base"; returns name -> merged result."""
     evals: dict[str, dict] = {}
     todo: list[tuple[Path | None, Path]] = []
     for name in names:
@@ -309,14 +310,15 @@ def evaluate_runs(names: list[str], scale: Scale, work: Path, data: Path) -> dic
         if not served.is_file():
             todo.append((work / "ckpt" / name, served))
     base_served = work / "evals" / "base.served.json"
-    if not base_served.is_file():
+    if with_base and not base_served.is_file():
         todo.append((None, base_served))
     serve_eval(todo, data, scale)
     for name in names:
         ref = json.loads((work / "evals" / f"{name}.reference.json").read_text())
         served = json.loads((work / "evals" / f"{name}.served.json").read_text())
         evals[name] = {**ref, "served": served}
-    evals["base"] = {"served": json.loads(base_served.read_text())}
+    if with_base:
+        evals["base"] = {"served": json.loads(base_served.read_text())}
     return evals
 
 
@@ -369,7 +371,9 @@ def calibrate(scale: Scale, work: Path, data: Path, steps: int, methods: list[Me
     print(f"[calibrate] projected study: {(train_s + eval_s) / 60:.0f} min")
 
 
-def run_study(scale: Scale, work: Path, out: Path, methods: list[Method], argv: list[str]) -> None:
+def run_study(
+    scale: Scale, work: Path, out: Path, methods: list[Method], argv: list[str], with_base: bool = True
+) -> None:
     t0 = time.time()
     data = ensure_data(work, scale)
     chosen: dict[str, float] = {}
@@ -382,7 +386,7 @@ def run_study(scale: Scale, work: Path, out: Path, methods: list[Method], argv: 
         for seed in scale.seeds:
             train_run(m, chosen[m.name], seed, scale, work, data)
             final[m.name].append(run_name(m, chosen[m.name], seed))
-    evals = evaluate_runs([n for names in final.values() for n in names], scale, work, data)
+    evals = evaluate_runs([n for names in final.values() for n in names], scale, work, data, with_base)
     from method_study_report import write_report  # beside this file (sys.path[0] when run as a script)
 
     runs = {p.stem: json.loads(p.read_text()) for p in sorted((work / "runs").glob("*.json"))}
@@ -406,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=Scale.max_len, help="training tokens per example (at most)")
     p.add_argument("--max-model-len", type=int, default=Scale.max_model_len, help="the engine's context")
     p.add_argument("--threads", type=int, default=Scale.threads)
+    p.add_argument("--no-base", action="store_true", help="skip the bare base model's served evaluation")
     p.add_argument("--calibrate", type=int, metavar="STEPS", help="only time STEPS steps of each method and project")
     p.add_argument("--serve-eval-json", help=argparse.SUPPRESS)  # internal: the served-engine child process
     a = p.parse_args(argv)
@@ -428,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.calibrate:
         calibrate(scale, work, ensure_data(work, scale), a.calibrate, [BY_NAME[n] for n in a.methods.split(",")])
         return 0
-    run_study(scale, work, out, [BY_NAME[n] for n in a.methods.split(",")], ["python bench/method_study.py", *argv])
+    methods = [BY_NAME[n] for n in a.methods.split(",")]
+    run_study(scale, work, out, methods, ["python bench/method_study.py", *argv], with_base=not a.no_base)
     return 0
 
 

@@ -168,7 +168,7 @@ def write_report(out: Path, scale, methods, chosen, final, runs, evals, wall_s: 
     out.mkdir(parents=True, exist_ok=True)
     names = {m.name for m in methods}
     layers = [str(x) for x in scale.layers]
-    skills = sorted(evals["base"]["served"]["accuracy"])
+    skills = sorted(evals[final[methods[0].name][0]]["served"]["accuracy"])
     compute_s = sum(r["wall_s"] for r in runs.values() if r["method"] in names)
     eval_s = sum(
         e.get("wall_s", 0) + e["served"]["engine_start_s"] + e["served"]["generate_s"]
@@ -213,12 +213,13 @@ def write_report(out: Path, scale, methods, chosen, final, runs, evals, wall_s: 
         "| method | lr | test loss | exact match % | " + " | ".join(skills) + " | train s / run |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in skills) + " | --- |",
     ]
-    base_acc = evals["base"]["served"]["accuracy"]
-    lines.append(
-        f"| base model (no adapter) | - | - | {100 * statistics.mean(base_acc.values()):.1f} | "
-        + " | ".join(f"{100 * base_acc[s]:.1f}" for s in skills)
-        + " | - |"
-    )
+    if "base" in evals:
+        base_acc = evals["base"]["served"]["accuracy"]
+        lines.append(
+            f"| base model (no adapter) | - | - | {100 * statistics.mean(base_acc.values()):.1f} | "
+            + " | ".join(f"{100 * base_acc[s]:.1f}" for s in skills)
+            + " | - |"
+        )
     for m in methods:
         ns = final[m.name]
         lines.append(
