@@ -30,8 +30,9 @@ r=8 and r=16), 0.62 (softmax), 0.82 (ReMix M=2), 1.21-1.28 (M=4, any k), 2.03 (M
 loading, three dev evaluations (3.9 s each) and writing. Per round of the 8 methods at 120 steps: about 19 min;
 4 rounds (2 learning rates on seed 0, 2 more seeds): about 75 min. Evaluation of the 24 final runs and the base:
 about 24 s reference (test loss, usage; estimated from the dev evaluation, 75 s measured under contention) and
-45-50 s served (engine start 14-17 s, generation of the 300 answers 30 s, measured with the demo adapter) each,
-about 29 min. Projected total: about 105 min on a quiet machine.
+45-70 s served each (engine start 14-17 s; generating the 300 answers took 30 s with the demo adapter, 54 s with a
+6-step adapter that seldom stops before 48 tokens; vLLM's CPU backend keeps one of the two cores for itself),
+about 28-38 min. Projected total: 105-115 min on a quiet machine.
 """
 
 from __future__ import annotations
