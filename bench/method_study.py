@@ -31,8 +31,8 @@ loading, three dev evaluations (3.9 s each) and writing. Per round of the 8 meth
 4 rounds (2 learning rates on seed 0, 2 more seeds): about 75 min. Evaluation of the 24 final runs and the base:
 about 24 s reference (test loss, usage; estimated from the dev evaluation, 75 s measured under contention) and
 45-70 s served each (engine start 14-17 s; generating the 300 answers took 30 s with the demo adapter, 54 s with a
-6-step adapter that seldom stops before 48 tokens; vLLM's CPU backend keeps one of the two cores for itself),
-about 28-38 min. Projected total: 105-115 min on a quiet machine.
+6-step adapter that seldom stops before 48 tokens; vLLM's CPU backend runs the model on one core, the other kept
+in reserve), about 28-38 min. Projected total: 105-115 min on a quiet machine.
 """
 
 from __future__ import annotations
