@@ -131,7 +131,8 @@ def pool_lora_add(
     `[P, r_page, N]`, all four in one dtype; `pages` `[T, K]` int64, `coef` `[T, K]` float32. A page id outside
     `[-1, P)` raises before anything is written.
 
-    bf16 calls of 32 tokens or more run on the AMX matrix units where the CPU has them (`amx_available()`).
+    bf16 calls of 32 tokens or more whose picked LoRAs are shared (8 or more tokens each, on average) run on the AMX
+    matrix units where the CPU has them (`amx_available()`).
     `pages_per_pick` (dividing K) says that each run of that many pages in a token's list is one pick's LoRA, as
     `pool_route` lists them: the AMX path then multiplies the run as one matrix (up to 16 ranks). The result does
     not depend on it.

@@ -532,7 +532,7 @@ struct PageGroups {
 // pool_lora_add's math, page by page: the (token, pick) entries sorted by page, each page's A and B read once for
 // all the tokens that picked it (a batch's tokens mostly share their checkpoints' pages), the expand split into
 // column blocks so that threads never write the same float32 accumulator. The token loop's result up to the order
-// of the float32 sum over a token's picks (page order here, pick order there), with the same one rounding into out.
+// of the float32 sum over a token's picks (group order here, pick order there), with the same one rounding into out.
 void pool_lora_add_by_page(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& A,
                            const torch::Tensor& B, const int64_t* pg, const float* cf, int64_t K, bool bf16_dot) {
   const int64_t T = out.size(0), N = out.size(1), D = x.size(1), R = A.size(1);
