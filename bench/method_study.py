@@ -1,7 +1,7 @@
 """Does ReMix beat its baselines on SmolLM2-135M? The method study of issue 12, resumable, in one command.
 
     python bench/method_study.py                      # the whole study: docs/results.md and docs/study-*.png
-    python bench/method_study.py --work DIR --out DIR # elsewhere (the cache lives in --work)
+    python bench/method_study.py --work DIR --results DIR --out DIR  # cache, result JSON and report elsewhere
 
 Methods (each under the same token budget, schedule and data order: same examples, steps, batch, warmup and cosine
 schedule, and the same seeded batch order per seed): plain LoRA of rank r = 8 and of rank k*r = 16; the softmax
@@ -19,8 +19,13 @@ n = k = 1, which computes exactly W x + omega B A x); per layer, the ESS of the 
 LoRAs, of the applied weights and of the selection counts, at every step from its training forwards and at each of
 the three dev evaluations (`TrainArgs.trace_routing`).
 
-Resumable: every training run writes `runs/<name>.json` when done and every evaluation `evals/<name>.json`; a run or
-evaluation already written is skipped, so a stopped study continues where it stopped. Delete a JSON to redo it.
+Resumable, across checkouts too: every training run writes `bench/results/method-study/runs/<name>.json` when done
+and every evaluation `.../evals/<name>.{reference,served}.json`; a run or evaluation already written is skipped, so a
+stopped study continues where it stopped. Those JSON files are small and committed (`--results`); data and checkpoints
+stay in the cache folder (`--work`, not committed). Each run is evaluated as soon as it is trained (its checkpoint is
+needed only then); a run whose evaluation is missing and whose checkpoint is gone trains again. Delete a JSON to redo
+it. The served evaluation is `python -m remix_serve.exact_match` (the same command that scores the demo adapter's card),
+in a child process. Each run records the CPU it ran on (`machine`): results do not depend on it, wall times do.
 
 Scale (chosen so the whole study fits about 2 hours on 2 CPU cores): top 4 of 30 layers adapted (up and down
 projections, so backward stops at layer 26), 120 steps of 8 examples (960 of the 2,400 training examples), 60 dev
@@ -32,7 +37,9 @@ loading, three dev evaluations (3.9 s each) and writing. Per round of the 8 meth
 about 24 s reference (test loss, usage; estimated from the dev evaluation, 75 s measured under contention) and
 45-70 s served each (engine start 14-17 s; generating the 300 answers took 30 s with the demo adapter, 54 s with a
 6-step adapter that seldom stops before 48 tokens; vLLM's CPU backend runs the model on one core, the other kept
-in reserve), about 28-38 min. Projected total: 105-115 min on a quiet machine.
+in reserve), about 28-38 min. Projected total: 105-115 min on a quiet machine with AVX-512 (the Xeon these numbers
+come from). On an AVX2-only 2-core EPYC a LoRA r=8 run took 314 s instead of about 90 s: there the study takes about
+6 hours, so it is run in parts, its committed results carrying it from one checkout to the next.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -50,6 +58,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "method-study"  # committed, so that any checkout continues the study
+
+
+@dataclass(frozen=True)
+class Dirs:
+    """Where a study keeps things: `cache` (data, checkpoints: regenerable, not committed) and `results` (one JSON
+    per training run and per evaluation: small, committed, what resuming and the report read)."""
+
+    cache: Path
+    results: Path
 
 
 @dataclass(frozen=True)
@@ -153,17 +171,29 @@ def ensure_data(work: Path, scale: Scale) -> Path:
 # ---- training ----
 
 
-def train_run(method: Method, lr: float, seed: int, scale: Scale, work: Path, data: Path) -> dict:
-    """Train one run (or return its cached result): checkpoint under work/ckpt, result in work/runs/<name>.json."""
+def machine() -> dict:
+    """The CPU a run used: wall times from different machines differ (an AVX2-only EPYC trains about 3.5x slower
+    than the AVX-512 Xeon the scale was chosen on), results should not."""
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())  # fmt: skip
+    return {"cpu": model, "cores": os.cpu_count(), "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def train_run(method: Method, lr: float, seed: int, scale: Scale, dirs: Dirs, data: Path, force: bool = False) -> dict:
+    """Train one run (or return its result): checkpoint under cache/ckpt, result in results/runs/<name>.json.
+
+    `force` trains again even where the result exists (its checkpoint is needed and gone)."""
     name = run_name(method, lr, seed)
-    path = work / "runs" / f"{name}.json"
-    if path.is_file():
+    path = dirs.results / "runs" / f"{name}.json"
+    if path.is_file() and not force:
         return json.loads(path.read_text())
     from remix_serve.train import TrainArgs, train
 
     args = TrainArgs(
         base=scale.base, data=str(data / "train.jsonl"), eval_data=str(data / "dev.jsonl"),
-        out=str(work / "ckpt" / name), router=method.router, loras=method.loras, top_k=method.top_k,
+        out=str(dirs.cache / "ckpt" / name), router=method.router, loras=method.loras, top_k=method.top_k,
         rank=method.rank, samples=max(method.samples, 2), alpha=scale.alpha, target_modules=list(scale.target_modules),
         layers=list(scale.layers), lr=lr, max_steps=scale.steps, batch_size=scale.batch_size, warmup=scale.warmup,
         max_len=scale.max_len, seed=seed, dtype="float32", eval_every=eval_every(scale.steps), log_every=0,
@@ -179,16 +209,16 @@ def train_run(method: Method, lr: float, seed: int, scale: Scale, work: Path, da
         "name": name, "method": method.name, "lr": lr, "seed": seed, "checkpoint": str(result.path),
         "steps": result.steps, "tokens": t["tokens_this_run"], "wall_s": round(time.time() - t0, 1),
         "dev_loss": t["eval_loss"], "dev_loss_initial": t["eval_loss_initial"], "train_loss": t["train_loss"],
-        "trace": result.trace,
+        "machine": machine(), "trace": result.trace,
     }  # fmt: skip
     _write_json(path, out)
     print(f"[train] {name}: dev loss {out['dev_loss']:.4f}, {out['wall_s']:.0f} s", flush=True)
     return out
 
 
-def best_lr(method: Method, scale: Scale, work: Path, data: Path) -> float:
+def best_lr(method: Method, scale: Scale, dirs: Dirs, data: Path) -> float:
     """Train seed 0 at every rate; the one with the lowest dev loss wins (ties: the smaller rate)."""
-    runs = [train_run(method, lr, scale.seeds[0], scale, work, data) for lr in scale.lrs]
+    runs = [train_run(method, lr, scale.seeds[0], scale, dirs, data) for lr in scale.lrs]
     return min(runs, key=lambda r: (r["dev_loss"], r["lr"]))["lr"]
 
 
@@ -226,101 +256,61 @@ def reference_eval(ckpt: Path, data: Path, scale: Scale) -> dict:
     return out
 
 
-def serve_eval(jobs: list[tuple[Path | None, Path]], data: Path, scale: Scale) -> None:
-    """Exact-match accuracy through the served engine, in a child process (vLLM's workers want a clean parent).
+def serve_eval(ckpt: Path | None, out_path: Path, data: Path, scale: Scale) -> dict:
+    """Exact match of one checkpoint (None: the bare base) through the served engine, written to `out_path`.
 
-    jobs: (checkpoint, or None for the bare base; JSON to write). The child evaluates them one after another.
+    `remix_serve.exact_match` in a child process: vLLM's workers want a clean parent.
     """
-    if not jobs:
-        return
-    spec = {"jobs": [[str(c) if c else None, str(o)] for c, o in jobs], "data": str(data), "scale": _scale_dict(scale)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-eval-json", json.dumps(spec)]
+    tmp = out_path.with_suffix(".all.tmp")
+    cmd = [
+        sys.executable, "-m", "remix_serve.exact_match", "--data", str(data / "test.jsonl"), "--base", scale.base,
+        "--adapter", f"run={ckpt}" if ckpt else "base", "--max-tokens", str(scale.max_tokens),
+        "--max-model-len", str(scale.max_model_len), "--json", str(tmp),
+    ]  # fmt: skip
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    subprocess.run(cmd, check=True, env=env)
-
-
-def _serve_eval_child(spec: dict) -> None:
-    """Body of the child process: one vLLM engine per checkpoint, greedy answers, exact match per skill."""
-    from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
-
-    from remix_serve import bases
-    from remix_serve.vllm_plugin import WORKER_EXTENSION, hf_overrides
-
-    scale = Scale(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["scale"].items()})
-    base = bases.resolve_base(scale.base)
-    archs = json.loads((base / "config.json").read_text())["architectures"]
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    rows = _skills(Path(spec["data"]) / "test.jsonl")
-    prompts = [
-        {"prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}  # as the trainer tokenises
-        for text in (
-            tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows
-        )
-    ]
-    params = SamplingParams(temperature=0, max_tokens=scale.max_tokens)
-    for ckpt, out_path in spec["jobs"]:
-        t0 = time.time()
-        extra = {"hf_overrides": hf_overrides(str(Path(ckpt).resolve()), archs)} if ckpt else {}
-        llm = LLM(
-            model=str(base), dtype="float32", enforce_eager=True, max_model_len=scale.max_model_len,
-            kv_cache_memory_bytes=256 << 20, worker_extension_cls=WORKER_EXTENSION, enable_prefix_caching=False,
-            seed=0, **extra,
-        )  # fmt: skip
-        t1 = time.time()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        t2 = time.time()
-        per_skill: dict[str, list[int]] = {}
-        samples: dict[str, list[dict]] = {}
-        for row, o in zip(rows, outs, strict=True):
-            got, want = o.outputs[0].text.strip(), row["messages"][-1]["content"].strip()
-            per_skill.setdefault(row["skill"], []).append(int(got == want))
-            if len(samples.setdefault(row["skill"], [])) < 3:
-                samples[row["skill"]].append({"prompt": row["messages"][0]["content"], "answer": got, "want": want})
-        result = {
-            "checkpoint": ckpt, "accuracy": {s: sum(v) / len(v) for s, v in per_skill.items()},
-            "examples": len(rows), "samples": samples, "engine_start_s": round(t1 - t0, 1),
-            "generate_s": round(t2 - t1, 1),
-        }  # fmt: skip
-        result["accuracy_mean"] = statistics.mean(result["accuracy"].values())
-        _write_json(Path(out_path), result)
-        print(f"[serve] {ckpt or 'base'}: exact match {result['accuracy_mean']:.3f} "
-              f"(start {t1 - t0:.0f} s, generate {t2 - t1:.0f} s)", flush=True)  # fmt: skip
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    result = next(iter(json.loads(tmp.read_text()).values()))
+    tmp.unlink()
+    _write_json(out_path, result)
+    label, acc = ckpt.name if ckpt else "base", result["accuracy_mean"]
+    start, gen = result["engine_start_s"], result["generate_s"]
+    print(f"[serve] {label}: exact match {acc:.3f} (start {start:.0f} s, generate {gen:.0f} s)", flush=True)
+    return result
 
 
 def _scale_dict(scale: Scale) -> dict:
     return dataclasses.asdict(scale)
 
 
-def evaluate_runs(names: list[str], scale: Scale, work: Path, data: Path, with_base: bool = True) -> dict[str, dict]:
-    """Reference and served evaluations of the named runs (cached in work/evals), and with `with_base` the bare
-    base's served accuracy under "base"; returns name -> merged result."""
-    evals: dict[str, dict] = {}
-    todo: list[tuple[Path | None, Path]] = []
-    for name in names:
-        ref_path = work / "evals" / f"{name}.reference.json"
-        if not ref_path.is_file():
-            t0 = time.time()
-            ref = reference_eval(work / "ckpt" / name, data, scale)
-            ref["wall_s"] = round(time.time() - t0, 1)
-            _write_json(ref_path, ref)
-            print(f"[reference] {name}: test loss {ref['test_loss']:.4f}", flush=True)
-        served = work / "evals" / f"{name}.served.json"
-        if not served.is_file():
-            todo.append((work / "ckpt" / name, served))
-    base_served = work / "evals" / "base.served.json"
-    if with_base and not base_served.is_file():
-        todo.append((None, base_served))
-    serve_eval(todo, data, scale)
-    for name in names:
-        ref = json.loads((work / "evals" / f"{name}.reference.json").read_text())
-        served = json.loads((work / "evals" / f"{name}.served.json").read_text())
-        evals[name] = {**ref, "served": served}
-    if with_base:
-        evals["base"] = {"served": json.loads(base_served.read_text())}
-    return evals
+def evaluate_run(name: str, method: Method, lr: float, seed: int, dirs: Dirs, data: Path, scale: Scale) -> dict:
+    """Reference and served evaluation of one run (each cached in results/evals); returns them merged.
+
+    Needs the run's checkpoint, kept only in the cache folder: where it is gone (a new checkout resuming a study
+    whose results were committed), the run trains again first.
+    """
+    ref_path = dirs.results / "evals" / f"{name}.reference.json"
+    served_path = dirs.results / "evals" / f"{name}.served.json"
+    ckpt = dirs.cache / "ckpt" / name
+    if not (ref_path.is_file() and served_path.is_file()) and not (ckpt / "remix_config.json").is_file():
+        print(f"[train] {name}: checkpoint not in the cache, training it again to evaluate it", flush=True)
+        train_run(method, lr, seed, scale, dirs, data, force=True)
+    if not ref_path.is_file():
+        t0 = time.time()
+        ref = reference_eval(ckpt, data, scale)
+        ref["wall_s"] = round(time.time() - t0, 1)
+        _write_json(ref_path, ref)
+        print(f"[reference] {name}: test loss {ref['test_loss']:.4f}", flush=True)
+    if not served_path.is_file():
+        serve_eval(ckpt, served_path, data, scale)
+    return {**json.loads(ref_path.read_text()), "served": json.loads(served_path.read_text())}
+
+
+def evaluate_base(dirs: Dirs, data: Path, scale: Scale) -> dict:
+    """The bare base model's served exact match (cached in results/evals/base.served.json)."""
+    path = dirs.results / "evals" / "base.served.json"
+    if not path.is_file():
+        serve_eval(None, path, data, scale)
+    return {"served": json.loads(path.read_text())}
 
 
 # ---- the study ----
@@ -363,7 +353,7 @@ def calibrate(scale: Scale, work: Path, data: Path, steps: int, methods: list[Me
     reference_eval(ckpt, data, scale)
     ref_s = time.time() - t0
     t0 = time.time()
-    serve_eval([(ckpt, work / "calibrate" / "served.json")], data, scale)
+    serve_eval(ckpt, work / "calibrate" / "served.json", data, scale)
     serve_s = time.time() - t0
     n_evals = len(methods) * len(scale.seeds)
     eval_s = n_evals * (ref_s + serve_s) + serve_s  # + the bare base, once
@@ -373,31 +363,36 @@ def calibrate(scale: Scale, work: Path, data: Path, steps: int, methods: list[Me
 
 
 def run_study(
-    scale: Scale, work: Path, out: Path, methods: list[Method], argv: list[str], with_base: bool = True
+    scale: Scale, dirs: Dirs, out: Path, methods: list[Method], argv: list[str], with_base: bool = True
 ) -> None:
+    """Every method on the first seed (learning-rate sweep, then the chosen run evaluated), then the other seeds,
+    each run evaluated as soon as it is trained: a study stopped part-way has whole results for what it finished."""
     t0 = time.time()
-    data = ensure_data(work, scale)
+    data = ensure_data(dirs.cache, scale)
+    evals: dict[str, dict] = {"base": evaluate_base(dirs, data, scale)} if with_base else {}
     chosen: dict[str, float] = {}
     for m in methods:
-        chosen[m.name] = best_lr(m, scale, work, data)
+        chosen[m.name] = best_lr(m, scale, dirs, data)
         print(f"[lr] {m.name}: {chosen[m.name]:g}", flush=True)
-    final: dict[str, list[str]] = {}
-    for m in methods:
-        final[m.name] = []
-        for seed in scale.seeds:
-            train_run(m, chosen[m.name], seed, scale, work, data)
-            final[m.name].append(run_name(m, chosen[m.name], seed))
-    evals = evaluate_runs([n for names in final.values() for n in names], scale, work, data, with_base)
+        name = run_name(m, chosen[m.name], scale.seeds[0])
+        evals[name] = evaluate_run(name, m, chosen[m.name], scale.seeds[0], dirs, data, scale)
+    for seed in scale.seeds[1:]:
+        for m in methods:
+            train_run(m, chosen[m.name], seed, scale, dirs, data)
+            name = run_name(m, chosen[m.name], seed)
+            evals[name] = evaluate_run(name, m, chosen[m.name], seed, dirs, data, scale)
+    final = {m.name: [run_name(m, chosen[m.name], seed) for seed in scale.seeds] for m in methods}
     from method_study_report import write_report  # beside this file (sys.path[0] when run as a script)
 
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted((work / "runs").glob("*.json"))}
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted((dirs.results / "runs").glob("*.json"))}
     write_report(out, scale, methods, chosen, final, runs, evals, wall_s=time.time() - t0, command=argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=str(ROOT / ".cache" / "method-study"), help="cache: data, checkpoints, JSON")
+    p.add_argument("--work", default=str(ROOT / ".cache" / "method-study"), help="cache: data and checkpoints")
+    p.add_argument("--results", default=str(RESULTS), help="the runs' and evaluations' JSON (commit them to resume)")
     p.add_argument("--out", default=str(ROOT / "docs"), help="where results.md and the figures go")
     p.add_argument("--methods", default=",".join(BY_NAME), help=f"comma list of {', '.join(BY_NAME)}")
     p.add_argument("--base", default=Scale.base, help="bundled base name or a Hugging Face folder")
@@ -413,11 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=Scale.threads)
     p.add_argument("--no-base", action="store_true", help="skip the bare base model's served evaluation")
     p.add_argument("--calibrate", type=int, metavar="STEPS", help="only time STEPS steps of each method and project")
-    p.add_argument("--serve-eval-json", help=argparse.SUPPRESS)  # internal: the served-engine child process
     a = p.parse_args(argv)
-    if a.serve_eval_json:
-        _serve_eval_child(json.loads(a.serve_eval_json))
-        return 0
     unknown = [n for n in a.methods.split(",") if n not in BY_NAME]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {', '.join(BY_NAME)}")
@@ -430,12 +421,14 @@ def main(argv: list[str] | None = None) -> int:
         scale.layers = tuple(int(x) for x in a.layers.split(","))
     if a.sizes:
         scale.n_train, scale.n_dev, scale.n_test = (int(x) for x in a.sizes.split(","))
-    work, out = Path(a.work), Path(a.out)
+    dirs, out = Dirs(cache=Path(a.work), results=Path(a.results)), Path(a.out)
     if a.calibrate:
-        calibrate(scale, work, ensure_data(work, scale), a.calibrate, [BY_NAME[n] for n in a.methods.split(",")])
+        calibrate(
+            scale, dirs.cache, ensure_data(dirs.cache, scale), a.calibrate, [BY_NAME[n] for n in a.methods.split(",")]
+        )
         return 0
     methods = [BY_NAME[n] for n in a.methods.split(",")]
-    run_study(scale, work, out, methods, ["python bench/method_study.py", *argv], with_base=not a.no_base)
+    run_study(scale, dirs, out, methods, ["python bench/method_study.py", *argv], with_base=not a.no_base)
     return 0
 
 

@@ -23,9 +23,10 @@ SCRIPT = ROOT / "bench" / "method_study.py"
 METHODS = ["lora-r8", "remix-k2-M4"]  # each evaluated checkpoint costs an engine start (10-25 s)
 
 
-def _run(tiny_base: Path, work: Path, out: Path) -> subprocess.CompletedProcess:
+def _run(tiny_base: Path, work: Path, results: Path, out: Path) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, str(SCRIPT), "--base", str(tiny_base), "--work", str(work), "--out", str(out),
+        sys.executable, str(SCRIPT), "--base", str(tiny_base), "--work", str(work), "--results", str(results),
+        "--out", str(out),
         "--methods", ",".join(METHODS), "--layers", "0,1", "--steps", "3", "--batch-size", "4", "--lrs", "0.001",
         "--seeds", "0", "--sizes", "24,6,12", "--max-len", "256", "--max-tokens", "4", "--max-model-len", "512",
         "--threads", "1", "--no-base",
@@ -36,23 +37,35 @@ def _run(tiny_base: Path, work: Path, out: Path) -> subprocess.CompletedProcess:
 
 
 def test_study_runs_caches_every_result_resumes_and_writes_the_report(tiny_base: Path, tmp_path: Path):
-    work, out = tmp_path / "work", tmp_path / "docs"
-    first = _run(tiny_base, work, out)
+    work, results, out = tmp_path / "work", tmp_path / "results", tmp_path / "docs"
+    first = _run(tiny_base, work, results, out)
     names = [f"{m}_lr0.001_s0" for m in METHODS]
     for name in names:
-        run = json.loads((work / "runs" / f"{name}.json").read_text())
-        assert run["steps"] == 3 and run["dev_loss"] > 0
+        run = json.loads((results / "runs" / f"{name}.json").read_text())
+        assert run["steps"] == 3 and run["dev_loss"] > 0 and run["machine"]["cores"] >= 1
         assert [s["step"] for s in run["trace"]["steps"]] == [1, 2, 3]
-        served = json.loads((work / "evals" / f"{name}.served.json").read_text())
+        served = json.loads((results / "evals" / f"{name}.served.json").read_text())
         assert sorted(served["accuracy"]) == sorted(["arithmetic", "capital", "code", "french", "reverse", "upper"])
-        assert json.loads((work / "evals" / f"{name}.reference.json").read_text())["test_loss"] > 0
-    assert not (work / "evals" / "base.served.json").exists()  # --no-base: one engine start fewer
+        assert sum(served["counts"].values()) == 12
+        assert json.loads((results / "evals" / f"{name}.reference.json").read_text())["test_loss"] > 0
+    assert not (results / "evals" / "base.served.json").exists()  # --no-base: one engine start fewer
     assert first.stdout.count("[train] ") >= 2 * len(METHODS) and first.stdout.count("[serve] ") == len(METHODS)
+    assert not list(work.rglob("runs")) and not list(results.rglob("*.safetensors"))  # results and cache apart
 
-    stamps = {p: p.stat().st_mtime_ns for p in [*(work / "runs").glob("*.json"), *(work / "evals").glob("*.json")]}
-    second = _run(tiny_base, work, out)
+    files = [*(results / "runs").glob("*.json"), *(results / "evals").glob("*.json")]
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    second = _run(tiny_base, work, results, out)
     assert "[train]" not in second.stdout and "[serve]" not in second.stdout, second.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # A new checkout: the committed results, an empty cache. Nothing is trained or served again...
+    third = _run(tiny_base, tmp_path / "fresh-cache", results, out)
+    assert "[train]" not in third.stdout and "[serve]" not in third.stdout, third.stdout
+    # ...except a run whose evaluation is missing: its checkpoint is gone, so it trains again, then is evaluated.
+    (results / "evals" / f"{names[0]}.served.json").unlink()
+    fourth = _run(tiny_base, tmp_path / "fresh-cache-2", results, out)
+    assert f"[train] {names[0]}: checkpoint not in the cache" in fourth.stdout, fourth.stdout
+    assert fourth.stdout.count("[serve] ") == 1 and (results / "evals" / f"{names[0]}.served.json").is_file()
 
     report = (out / "results.md").read_text()
     assert "| LoRA r=8 |" in report and "ReMix n=8 k=2 r=8 M=4" in report
