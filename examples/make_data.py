@@ -2,8 +2,9 @@
 
     python examples/make_data.py            # -> examples/data/train.jsonl, examples/data/eval.jsonl
     remix-train --preset demo --out examples/demo-adapter   # train the demo adapter on them (its model card's command)
-    python examples/make_data.py --study DIR [--train 2400 --dev 120 --test 300 --seed 0]
-                                            # the method study's larger, harder set (bench/method_study.py)
+    python examples/make_data.py --study DIR [--train 2400 --dev 60 --test 300 --seed 0]
+                                            # the method study's larger, harder set (bench/method_study.py);
+                                            # with the defaults and DIR = examples/data/study: the committed copy
 
 Skills: arithmetic, capitals, reversing a word, upper-casing, English -> French words, tiny Python functions.
 All content is generated here from small tables (written for this project); a fixed seed makes it reproducible.
@@ -249,7 +250,7 @@ STUDY_SKILLS = {
 }  # fmt: skip
 
 
-def generate_study(n_train: int = 2400, n_dev: int = 120, n_test: int = 300, seed: int = 0) -> dict[str, list[dict]]:
+def generate_study(n_train: int = 2400, n_dev: int = 60, n_test: int = 300, seed: int = 0) -> dict[str, list[dict]]:
     """The study's train / dev / test splits, balanced over skills (round-robin), from one seed.
 
     No prompt occurs in two splits or twice in dev or test. Dev chooses learning rates; test is reported. Each row
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", metavar="DIR", help="write the study set (train/dev/test.jsonl) to DIR instead")
     p.add_argument("--train", type=int, default=2400)
-    p.add_argument("--dev", type=int, default=120)
+    p.add_argument("--dev", type=int, default=60)
     p.add_argument("--test", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

@@ -63,3 +63,11 @@ def test_default_output_is_still_the_demo_data(make_data):
     lines = (ROOT / "examples" / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()
     assert [make_data.json.dumps(r, ensure_ascii=False) for r in train] == lines
     assert len(evals) == len((ROOT / "examples" / "data" / "eval.jsonl").read_text().splitlines())
+
+
+def test_committed_study_set_is_what_make_data_writes(make_data):
+    """examples/data/study (the held-out set the demo adapter's card is scored on) is `make_data.py --study`'s
+    default output, the same files the method study generates into its cache."""
+    for split, rows in make_data.generate_study().items():
+        lines = (ROOT / "examples" / "data" / "study" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [make_data.json.dumps(r, ensure_ascii=False) for r in rows] == lines, split
