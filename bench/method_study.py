@@ -369,23 +369,49 @@ def run_study(
     each run evaluated as soon as it is trained: a study stopped part-way has whole results for what it finished."""
     t0 = time.time()
     data = ensure_data(dirs.cache, scale)
-    evals: dict[str, dict] = {"base": evaluate_base(dirs, data, scale)} if with_base else {}
+    if with_base:
+        evaluate_base(dirs, data, scale)
     chosen: dict[str, float] = {}
     for m in methods:
         chosen[m.name] = best_lr(m, scale, dirs, data)
         print(f"[lr] {m.name}: {chosen[m.name]:g}", flush=True)
-        name = run_name(m, chosen[m.name], scale.seeds[0])
-        evals[name] = evaluate_run(name, m, chosen[m.name], scale.seeds[0], dirs, data, scale)
+        evaluate_run(run_name(m, chosen[m.name], scale.seeds[0]), m, chosen[m.name], scale.seeds[0], dirs, data, scale)
     for seed in scale.seeds[1:]:
         for m in methods:
             train_run(m, chosen[m.name], seed, scale, dirs, data)
+            evaluate_run(run_name(m, chosen[m.name], seed), m, chosen[m.name], seed, dirs, data, scale)
+    report(scale, dirs, out, methods, argv, wall_s=time.time() - t0)
+
+
+def report(scale: Scale, dirs: Dirs, out: Path, methods: list[Method], argv: list[str], wall_s: float) -> None:
+    """Write the report from what the results folder holds: a method counts once its learning-rate sweep is done,
+    a run once both its evaluations are; a study still in progress gets a report that says how far it got."""
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted((dirs.results / "runs").glob("*.json"))}
+    evals_dir = dirs.results / "evals"
+    chosen: dict[str, float] = {}
+    final: dict[str, list[str]] = {}
+    evals: dict[str, dict] = {}
+    for m in methods:
+        sweep = [runs.get(run_name(m, lr, scale.seeds[0])) for lr in scale.lrs]
+        if None in sweep:
+            continue
+        chosen[m.name] = min(sweep, key=lambda r: (r["dev_loss"], r["lr"]))["lr"]
+        for seed in scale.seeds:
             name = run_name(m, chosen[m.name], seed)
-            evals[name] = evaluate_run(name, m, chosen[m.name], seed, dirs, data, scale)
-    final = {m.name: [run_name(m, chosen[m.name], seed) for seed in scale.seeds] for m in methods}
+            ref, served = evals_dir / f"{name}.reference.json", evals_dir / f"{name}.served.json"
+            if name in runs and ref.is_file() and served.is_file():
+                evals[name] = {**json.loads(ref.read_text()), "served": json.loads(served.read_text())}
+                final.setdefault(m.name, []).append(name)
+    if (evals_dir / "base.served.json").is_file():
+        evals["base"] = {"served": json.loads((evals_dir / "base.served.json").read_text())}
+    done = [m for m in methods if m.name in final]
+    if not done:
+        print(f"[report] nothing to report yet: no method has an evaluated run in {dirs.results}", flush=True)
+        return
     from method_study_report import write_report  # beside this file (sys.path[0] when run as a script)
 
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted((dirs.results / "runs").glob("*.json"))}
-    write_report(out, scale, methods, chosen, final, runs, evals, wall_s=time.time() - t0, command=argv)
+    expected = len(methods) * len(scale.seeds)
+    write_report(out, scale, done, chosen, final, runs, evals, wall_s=wall_s, command=argv, expected_runs=expected)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=Scale.threads)
     p.add_argument("--no-base", action="store_true", help="skip the bare base model's served evaluation")
     p.add_argument("--calibrate", type=int, metavar="STEPS", help="only time STEPS steps of each method and project")
+    p.add_argument("--report-only", action="store_true", help="write the report from the results so far; train nothing")
     a = p.parse_args(argv)
     unknown = [n for n in a.methods.split(",") if n not in BY_NAME]
     if unknown:
@@ -428,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     methods = [BY_NAME[n] for n in a.methods.split(",")]
+    if a.report_only:
+        report(scale, dirs, out, methods, ["python bench/method_study.py", *argv], wall_s=0.0)
+        return 0
     run_study(scale, dirs, out, methods, ["python bench/method_study.py", *argv], with_base=not a.no_base)
     return 0
 

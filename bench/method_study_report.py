@@ -81,6 +81,16 @@ def _claims(methods, final, evals, runs: dict, layer: str) -> list[str]:
     return rows
 
 
+def _machines(runs) -> str:
+    """The CPUs the runs trained on, with how many runs each ("unrecorded" for runs from before `machine`)."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        m = r.get("machine")
+        key = f"{m['cpu']} ({m['cores']} cores, {m['capability']})" if m else "unrecorded"
+        counts[key] = counts.get(key, 0) + 1
+    return "; ".join(f"{k}: {v} runs" for k, v in counts.items())
+
+
 def _plot_scaling(path: Path, title: str, xlabel: str, points, refs) -> None:
     """points: [(x, [accuracies over seeds])]; refs: [(label, [accuracies])] drawn as horizontal bands."""
     import matplotlib
@@ -178,9 +188,15 @@ def _plot_usage(path: Path, panels: list[tuple[str, dict]], layers: list[str]) -
     plt.close(fig)
 
 
-def write_report(out: Path, scale, methods, chosen, final, runs, evals, wall_s: float, command: list[str]) -> None:
-    """Write out/results.md and the figures (FIGURES) from the study's cached results."""
+def write_report(
+    out: Path, scale, methods, chosen, final, runs, evals, wall_s: float, command: list[str], expected_runs: int
+) -> None:
+    """Write out/results.md and the figures (FIGURES) from the study's cached results.
+
+    `final` holds the evaluated runs of each method (fewer than the seeds while the study is in progress);
+    `expected_runs` is how many the whole study has, so that a partial report says so at the top."""
     out.mkdir(parents=True, exist_ok=True)
+    evaluated = sum(len(v) for v in final.values())
     names = {m.name for m in methods}
     layers = [str(x) for x in scale.layers]
     skills = sorted(evals[final[methods[0].name][0]]["served"]["accuracy"])
@@ -195,13 +211,23 @@ def write_report(out: Path, scale, methods, chosen, final, runs, evals, wall_s: 
         "",
         "Written by `bench/method_study.py` (issue 12); every number below comes from its cached run files.",
         "",
+        *(
+            [
+                f"**In progress: {evaluated} of {expected_runs} final runs evaluated.** Means and spreads are over the"
+                " seeds done so far (the `seeds` column); a method appears once its learning-rate sweep is done. Run"
+                " the command again to continue.",
+                "",
+            ]
+            if evaluated < expected_runs
+            else []
+        ),
         "```",
         " ".join(command),
         "```",
         "",
         f"Wall time of this invocation: {wall_s / 60:.1f} min (cached runs are not retrained). Compute behind the"
         f" tables: training {compute_s / 60:.1f} min over {sum(1 for r in runs.values() if r['method'] in names)}"
-        f" runs, evaluation {eval_s / 60:.1f} min.",
+        f" runs, evaluation {eval_s / 60:.1f} min, on {_machines(r for r in runs.values() if r['method'] in names)}.",
         "",
         "## Set-up",
         "",
@@ -225,20 +251,20 @@ def write_report(out: Path, scale, methods, chosen, final, runs, evals, wall_s: 
         "",
         "## Results",
         "",
-        "| method | lr | test loss | exact match % | " + " | ".join(skills) + " | train s / run |",
-        "| --- | --- | --- | --- | " + " | ".join("---" for _ in skills) + " | --- |",
+        "| method | lr | seeds | test loss | exact match % | " + " | ".join(skills) + " | train s / run |",
+        "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in skills) + " | --- |",
     ]
     if "base" in evals:
         base_acc = evals["base"]["served"]["accuracy"]
         lines.append(
-            f"| base model (no adapter) | - | - | {100 * statistics.mean(base_acc.values()):.1f} | "
+            f"| base model (no adapter) | - | - | - | {100 * statistics.mean(base_acc.values()):.1f} | "
             + " | ".join(f"{100 * base_acc[s]:.1f}" for s in skills)
             + " | - |"
         )
     for m in methods:
         ns = final[m.name]
         lines.append(
-            f"| {m.label} | {chosen[m.name]:g} | {fmt([evals[n]['test_loss'] for n in ns], digits=4)} | "
+            f"| {m.label} | {chosen[m.name]:g} | {len(ns)} | {fmt([evals[n]['test_loss'] for n in ns], digits=4)} | "
             f"{fmt(_acc(evals, ns), 100)} | "
             + " | ".join(fmt(_acc(evals, ns, s), 100) for s in skills)
             + f" | {statistics.mean(runs[n]['wall_s'] for n in ns):.0f} |"

@@ -68,8 +68,21 @@ def test_study_runs_caches_every_result_resumes_and_writes_the_report(tiny_base:
     assert fourth.stdout.count("[serve] ") == 1 and (results / "evals" / f"{names[0]}.served.json").is_file()
 
     report = (out / "results.md").read_text()
-    assert "| LoRA r=8 |" in report and "ReMix n=8 k=2 r=8 M=4" in report
+    assert "| LoRA r=8 |" in report and "ReMix n=8 k=2 r=8 M=4" in report and "In progress" not in report
+    assert "1 runs" in report or "2 runs" in report  # the machines line: each CPU with its run count
     for png in ("study-accuracy-vs-M.png", "study-accuracy-vs-k.png", "study-routing-ess.png",
                 "study-usage-heatmaps.png"):  # fmt: skip
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
+
+    # A report of a study in progress: asked for two seeds, it has one evaluated run per method, and says so.
+    partial = tmp_path / "partial"
+    cmd = [
+        sys.executable, str(SCRIPT), "--base", str(tiny_base), "--work", str(tmp_path / "fresh-cache"),
+        "--results", str(results), "--out", str(partial), "--methods", ",".join(METHODS), "--layers", "0,1",
+        "--steps", "3", "--batch-size", "4", "--lrs", "0.001", "--seeds", "0,1", "--sizes", "24,6,12", "--report-only",
+    ]  # fmt: skip
+    sub = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert sub.returncode == 0 and "[train]" not in sub.stdout, sub.stdout[-2000:] + sub.stderr[-2000:]
+    text = (partial / "results.md").read_text()
+    assert "**In progress: 2 of 4 final runs evaluated.**" in text and "| LoRA r=8 | 0.001 | 1 |" in text
