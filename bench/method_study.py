@@ -261,6 +261,7 @@ def serve_eval(ckpt: Path | None, out_path: Path, data: Path, scale: Scale) -> d
 
     `remix_serve.exact_match` in a child process: vLLM's workers want a clean parent.
     """
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".all.tmp")
     cmd = [
         sys.executable, "-m", "remix_serve.exact_match", "--data", str(data / "test.jsonl"), "--base", scale.base,
