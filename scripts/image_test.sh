@@ -216,7 +216,7 @@ check_graceful_stop() {
              "stream_options": {"include_usage": true}}' >"$stream" 2>&1 &
     local client=$!
     for _ in $(seq 1 100); do
-        grep -q '^data: {' "$stream" && break
+        grep -qs '^data: {' "$stream" && break  # -s: curl may not have created it yet
         sleep 0.2
     done
     t0=$(date +%s)
