@@ -45,7 +45,6 @@ come from). On an AVX2-only 2-core EPYC a LoRA r=8 run took 314 s instead of abo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -225,10 +224,6 @@ def best_lr(method: Method, scale: Scale, dirs: Dirs, data: Path) -> float:
 # ---- evaluation: test loss and per-skill usage (HF reference), exact match (served engine) ----
 
 
-def _skills(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def reference_eval(ckpt: Path, data: Path, scale: Scale) -> dict:
     """Test loss (token-weighted) and per-skill loss and per-layer LoRA usage under deterministic top-k."""
     import tempfile
@@ -236,13 +231,14 @@ def reference_eval(ckpt: Path, data: Path, scale: Scale) -> dict:
     import torch
 
     from remix_serve import reference
+    from remix_serve.exact_match import load_rows
     from remix_serve.train.data import load_jsonl
     from remix_serve.train.evaluate import evaluate
 
     torch.set_num_threads(scale.threads)
     model, tokenizer = reference.load_model(ckpt)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = _skills(data / "test.jsonl")
+    rows = load_rows(data / "test.jsonl")
     out: dict = {"skills": {}}
     nll, tokens = 0.0, 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,10 +273,6 @@ def serve_eval(ckpt: Path | None, out_path: Path, data: Path, scale: Scale) -> d
     start, gen = result["engine_start_s"], result["generate_s"]
     print(f"[serve] {label}: exact match {acc:.3f} (start {start:.0f} s, generate {gen:.0f} s)", flush=True)
     return result
-
-
-def _scale_dict(scale: Scale) -> dict:
-    return dataclasses.asdict(scale)
 
 
 def evaluate_run(name: str, method: Method, lr: float, seed: int, dirs: Dirs, data: Path, scale: Scale) -> dict:
