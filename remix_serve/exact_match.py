@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             f"## {a.title}\n\nGreedy answers generated through the served engine (vLLM with the remix plugin, "
             f"{a.dtype}, at most {a.max_tokens} tokens), counted right when equal to the reference answer, on "
             f"`{a.data.as_posix()}` ({len(rows)} examples):\n\n{text}\n\n"
-            f"Command: `python -m remix_serve.exact_match {' '.join(argv if argv is not None else sys.argv[1:])}`"
+            f"Command: `python -m remix_serve.exact_match {shlex.join(argv if argv is not None else sys.argv[1:])}`"
         )
         write_card_section(a.card, body)
     return 0
