@@ -449,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     methods = [BY_NAME[n] for n in a.methods.split(",")]
     if a.report_only:
-        report(scale, dirs, out, methods, ["python bench/method_study.py", *argv], wall_s=0.0)
+        study = [x for x in argv if x != "--report-only"]  # the command that continues the study
+        report(scale, dirs, out, methods, ["python bench/method_study.py", *study], wall_s=0.0)
         return 0
     run_study(scale, dirs, out, methods, ["python bench/method_study.py", *argv], with_base=not a.no_base)
     return 0
