@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--card {a.card}: no such file")
     try:
         rows = load_rows(a.data)
+        if a.json is not None:  # before any engine starts: a missing folder must not cost the whole evaluation
+            a.json.parent.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as e:
         p.error(str(e))
     settings = EngineSettings(base=a.base, dtype=a.dtype, max_tokens=a.max_tokens, max_model_len=a.max_model_len)
@@ -183,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     text = table(results)
     print(text)
     if a.json is not None:
-        a.json.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp = a.json.with_name(a.json.name + ".tmp")  # atomic: a JSON present is a whole result
+        tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(a.json)
     if a.card is not None:
         body = (
             f"## {a.title}\n\nGreedy answers generated through the served engine (vLLM with the remix plugin, "

@@ -93,10 +93,10 @@ def test_cli_scores_base_and_checkpoint_through_the_engine_and_writes_the_card(
     card.write_text("# tiny\n")
     out = _cli(
         "--data", str(data), "--base", str(tiny_base), "--adapter", "base", "--adapter", f"tiny={tiny_ckpt}",
-        "--max-tokens", "3", "--max-model-len", "128", "--json", str(tmp_path / "r.json"), "--card", str(card),
+        "--max-tokens", "3", "--max-model-len", "128", "--json", str(tmp_path / "new" / "r.json"), "--card", str(card),
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    results = json.loads((tmp_path / "r.json").read_text())
+    results = json.loads((tmp_path / "new" / "r.json").read_text())  # its folder made before the engines ran
     assert list(results) == ["base", "tiny"]
     assert results["base"]["checkpoint"] is None and results["tiny"]["checkpoint"] == str(tiny_ckpt)
     for r in results.values():
