@@ -302,13 +302,23 @@ def write_report(
         for lr in scale.lrs:
             r = runs.get(f"{m.name}_lr{lr:g}_s{scale.seeds[0]}")
             cells.append(f"{r['dev_loss']:.4f}" if r else "-")
-        lines.append(f"| {m.label} | " + " | ".join(cells) + f" | {chosen[m.name]:g} |")
+        end = _sweep_end(chosen[m.name], scale.lrs)
+        lines.append(f"| {m.label} | " + " | ".join(cells) + f" | {chosen[m.name]:g}{end} |")
+    if any(_sweep_end(chosen[m.name], scale.lrs) for m in methods):
+        lines += ["", "A rate chosen at an end of the sweep may be short of that method's best: widen `--lrs`."]
 
     figures = _figures(out, methods, final, runs, evals, layers)
     if figures:
         lines += ["", "## Figures", ""] + [f"![{alt}]({name})\n" for alt, name in figures]
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {out / 'results.md'}", flush=True)
+
+
+def _sweep_end(lr: float, lrs: tuple[float, ...]) -> str:
+    """Mark a chosen rate that no tried rate brackets: the sweep cannot tell whether a rate beyond it is better."""
+    if len(lrs) == 1:
+        return " (the only rate tried)"
+    return " (top of the sweep)" if lr == max(lrs) else " (bottom of the sweep)" if lr == min(lrs) else ""
 
 
 def _figures(out: Path, methods, final, runs, evals, layers: list[str]) -> list[tuple[str, str]]:

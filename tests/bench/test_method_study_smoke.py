@@ -86,3 +86,4 @@ def test_study_runs_caches_every_result_resumes_and_writes_the_report(tiny_base:
     assert sub.returncode == 0 and "[train]" not in sub.stdout, sub.stdout[-2000:] + sub.stderr[-2000:]
     text = (partial / "results.md").read_text()
     assert "**In progress: 2 of 4 final runs evaluated.**" in text and "| LoRA r=8 | 0.001 | 1 |" in text
+    assert "| 0.001 (the only rate tried) |" in text and "widen `--lrs`" in text
