@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("method_study_report", ROOT / "bench" / "method_study_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/method_study_report.py")
 
 
 def test_a_rate_chosen_at_an_end_of_the_sweep_is_marked(report):
