@@ -2,6 +2,7 @@
 plugin): how the method study scores its runs and how the demo adapter's model card gets its table.
 
     python -m remix_serve.exact_match --data test.jsonl --adapter base --adapter new=./ckpt [--card ./ckpt/README.md]
+        [--earlier 'old=results.json:new']   # a column read from an earlier --json run, not generated again
 
 Scoring the product rather than the HF reference is the point: what a user gets from `remix-serve` is what is
 counted. Each row of the data is a chat example (`messages`, the last one the assistant's answer) with an optional
@@ -142,6 +143,28 @@ def write_card_section(card: Path, body: str) -> None:
     tmp.replace(card)
 
 
+def parse_earlier(value: str) -> tuple[str, Path, str]:
+    """`LABEL=JSON:KEY` -> (label, the --json file of an earlier run, the label it has there)."""
+    label, sep, rest = value.partition("=")
+    path, colon, key = rest.rpartition(":")
+    if not (label and sep and colon and path and key):
+        raise argparse.ArgumentTypeError(f"--earlier {value!r}: expected LABEL=JSON:KEY")
+    return label, Path(path), key
+
+
+def load_earlier(path: Path, key: str, rows: Sequence[dict]) -> dict:
+    """Result `key` of an earlier `--json` file; ValueError unless it scored the same skills with the same counts
+    (an earlier column on other data would compare nothing)."""
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if key not in results:
+        raise ValueError(f"--earlier {path}:{key}: no result {key!r} there; it has {sorted(results)}")
+    want = score(rows, [""] * len(rows))["counts"]
+    if results[key].get("counts") != want:
+        raise ValueError(f"--earlier {path}:{key}: scored {results[key].get('counts')} examples per skill, "
+                         f"this data has {want}")  # fmt: skip
+    return results[key]
+
+
 def parse_adapter(value: str) -> tuple[str, str | None]:
     """`base`, `PATH` or `LABEL=PATH` -> (label, path or None for the base)."""
     if value == BASE:
@@ -165,24 +188,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=EngineSettings.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-tokens", type=int, default=EngineSettings.max_tokens, help="answer tokens generated")
     p.add_argument("--max-model-len", type=int, default=EngineSettings.max_model_len, help="the engine's context")
+    p.add_argument("--earlier", action="append", default=[], type=parse_earlier, metavar="LABEL=JSON:KEY",
+                   help="also show result KEY of an earlier --json file (same data) as column LABEL, after the base; "
+                        "repeatable")  # fmt: skip
     p.add_argument("--json", type=Path, help="write every result (accuracies, samples, timings) here")
     p.add_argument("--card", type=Path, help="write the table into this model card (README.md), between markers")
     p.add_argument("--title", default="Held-out exact match", help="the card section's heading")
     a = p.parse_args(argv)
     labels = [label for label, _ in a.adapter]
-    if len(set(labels)) != len(labels):
-        p.error(f"--adapter labels must differ; got {labels}")
+    if len(set(labels + [x[0] for x in a.earlier])) != len(labels) + len(a.earlier):
+        p.error(f"--adapter and --earlier labels must differ; got {labels + [x[0] for x in a.earlier]}")
     if a.card is not None and not a.card.is_file():
         p.error(f"--card {a.card}: no such file")
     try:
         rows = load_rows(a.data)
+        earlier = {label: load_earlier(path, key, rows) for label, path, key in a.earlier}
         if a.json is not None:  # before any engine starts: a missing folder must not cost the whole evaluation
             a.json.parent.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as e:
         p.error(str(e))
     settings = EngineSettings(base=a.base, dtype=a.dtype, max_tokens=a.max_tokens, max_model_len=a.max_model_len)
     results = dict(zip(labels, evaluate([path for _, path in a.adapter], rows, settings), strict=True))
-    text = table(results)
+    # columns: the base, the earlier results, then the checkpoints (the --json file holds only what ran now)
+    shown = {k: v for k, v in results.items() if k == BASE} | earlier | results
+    text = table(shown)
     print(text)
     if a.json is not None:
         tmp = a.json.with_name(a.json.name + ".tmp")  # atomic: a JSON present is a whole result

@@ -63,6 +63,21 @@ def test_bad_rows_name_the_file_and_line(tmp_path: Path):
         em.load_rows(empty)
 
 
+def test_earlier_results_must_be_parsable_present_and_on_the_same_data(tmp_path: Path):
+    rows = [_row("q1", "a", "s1"), _row("q2", "b", "s2")]
+    earlier = tmp_path / "old.json"
+    earlier.write_text(json.dumps({"v1": em.score(rows, ["a", "x"])}))
+    assert em.parse_earlier(f"old={earlier}:v1") == ("old", earlier, "v1")
+    assert em.load_earlier(earlier, "v1", rows)["accuracy"] == {"s1": 1.0, "s2": 0.0}
+    for bad in ("old", f"old={earlier}", f"={earlier}:v1", f"old={earlier}:"):
+        with pytest.raises(Exception, match="expected LABEL=JSON:KEY"):
+            em.parse_earlier(bad)
+    with pytest.raises(ValueError, match=r"no result 'v2' there; it has \['v1'\]"):
+        em.load_earlier(earlier, "v2", rows)
+    with pytest.raises(ValueError, match=r"scored \{'s1': 1, 's2': 1\} examples per skill, this data has"):
+        em.load_earlier(earlier, "v1", [*rows, _row("q3", "c", "s2")])
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "remix_serve.exact_match", *args]
@@ -80,6 +95,12 @@ def test_cli_rejects_bad_arguments_before_starting_an_engine(tmp_path: Path, tin
     assert out.returncode == 2 and "missing.md: no such file" in out.stderr
     out = _cli("--data", str(tmp_path / "nope.jsonl"), "--adapter", "base")
     assert out.returncode == 2 and "nope.jsonl" in out.stderr
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"v1": em.score([_row("q", "a"), _row("r", "b")], ["a", "b"])}))
+    out = _cli("--data", str(data), "--adapter", "base", "--earlier", f"v1={old}:v1")
+    assert out.returncode == 2 and "this data has {'all': 1}" in out.stderr
+    out = _cli("--data", str(data), "--adapter", "base", "--earlier", f"base={old}:v1")
+    assert out.returncode == 2 and "labels must differ" in out.stderr
 
 
 @pytest.mark.engine
@@ -91,9 +112,12 @@ def test_cli_scores_base_and_checkpoint_through_the_engine_and_writes_the_card(
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     card = tmp_path / "README.md"
     card.write_text("# tiny\n")
+    old = tmp_path / "old.json"  # an earlier run's --json, shown as a column without generating again
+    old.write_text(json.dumps({"tiny": em.score(rows, ["unlikely answer"] + [""] * 5)}))
     out = _cli(
         "--data", str(data), "--base", str(tiny_base), "--adapter", "base", "--adapter", f"tiny={tiny_ckpt}",
-        "--max-tokens", "3", "--max-model-len", "128", "--json", str(tmp_path / "new" / "r.json"), "--card", str(card),
+        "--earlier", f"tiny v1={old}:tiny", "--max-tokens", "3", "--max-model-len", "128",
+        "--json", str(tmp_path / "new" / "r.json"), "--card", str(card),
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     results = json.loads((tmp_path / "new" / "r.json").read_text())  # its folder made before the engines ran
@@ -102,5 +126,5 @@ def test_cli_scores_base_and_checkpoint_through_the_engine_and_writes_the_card(
     for r in results.values():
         assert r["counts"] == {"other": 3, "echo": 3} and r["accuracy_mean"] == 0.0  # no random model says that
     text = card.read_text()
-    assert "| skill (examples) | base | tiny |" in text and "| other (3) | 0.000 | 0.000 |" in text
+    assert "| skill (examples) | base | tiny v1 | tiny |" in text and "| other (3) | 0.000 | 0.333 | 0.000 |" in text
     assert "Command: `python -m remix_serve.exact_match --data" in text and text.startswith("# tiny\n")
