@@ -296,22 +296,30 @@ def write_report(
         usage = [statistics.mean(_last_eval(r)["usage_ess"].values()) for r in rs]
         lines.append(f"| {m.label} | {fmt(first, digits=2)} | {fmt(last, digits=2)} | {fmt(w, digits=2)} |"
                      f" {fmt(usage, digits=2)} |")  # fmt: skip
+    # rates outside --lrs that seed 0 also trained (an earlier, wider sweep) are shown, marked, and choose nothing
+    seed0 = {r["lr"] for r in runs.values() if r["seed"] == scale.seeds[0] and r["method"] in names}
+    shown = sorted(seed0 | set(scale.lrs))
     lines += [
         "",
         "## Learning-rate sweep (seed 0, dev loss)",
         "",
-        "| method | " + " | ".join(f"lr {x:g}" for x in scale.lrs) + " | chosen |",
-        "| --- | " + " | ".join("---" for _ in scale.lrs) + " | --- |",
+        "| method | "
+        + " | ".join(f"lr {x:g}" + ("" if x in scale.lrs else " (earlier)") for x in shown)
+        + " | chosen |",
+        "| --- | " + " | ".join("---" for _ in shown) + " | --- |",
     ]
     for m in methods:
         cells = []
-        for lr in scale.lrs:
+        for lr in shown:
             r = runs.get(f"{m.name}_lr{lr:g}_s{scale.seeds[0]}")
             cells.append(f"{r['dev_loss']:.4f}" if r else "-")
         end = _sweep_end(chosen[m.name], scale.lrs)
         lines.append(f"| {m.label} | " + " | ".join(cells) + f" | {chosen[m.name]:g}{end} |")
     if any(_sweep_end(chosen[m.name], scale.lrs) for m in methods):
         lines += ["", "A rate chosen at an end of the sweep may be short of that method's best: widen `--lrs`."]
+    if len(shown) > len(scale.lrs):
+        lines += ["", "Rates marked (earlier) were trained by an earlier, wider sweep; they are not in `--lrs` and"
+                  " choose nothing (their runs count in the compute above)."]  # fmt: skip
 
     figures = _figures(out, methods, final, runs, evals, layers)
     if figures:
