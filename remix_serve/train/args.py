@@ -56,22 +56,22 @@ class TrainArgs:
 # root); flags given explicitly override them. "demo" is exactly the command that examples/demo-adapter's model card
 # records (tests/train/test_train_preset.py checks it field by field), without --out.
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {
+    "demo": {  # the method study's best configuration (docs/results.md: ReMix k = 4, M = 4, lr 1e-2) on its data
         "base": "smollm2-135m",
-        "data": "examples/data/train.jsonl",
-        "eval_data": "examples/data/eval.jsonl",
+        "data": "examples/data/study/train.jsonl",
+        "eval_data": "examples/data/study/dev.jsonl",
         "loras": 8,
-        "top_k": 2,
+        "top_k": 4,
         "rank": 8,
         "samples": 4,
-        "layers": list(range(22, 30)),
+        "layers": list(range(18, 30)),
         "target_modules": ["up_proj", "down_proj"],
-        "batch_size": 4,
-        "max_steps": 220,
-        "lr": 1e-3,
+        "batch_size": 8,
+        "max_steps": 600,
+        "lr": 1e-2,
         "dtype": "bfloat16",
         "max_len": 128,
-        "eval_every": 55,
+        "eval_every": 150,
         "log_every": 10,
         "threads": 1,
         "seed": 0,

@@ -54,7 +54,8 @@ def test_answers_are_exact(make_data, study):
 
 
 def test_default_output_is_still_the_demo_data(make_data):
-    """The demo adapter and its tests read examples/data: the default run must still write exactly those files."""
+    """examples/data/{train,eval}.jsonl (the small quick-start set; the first demo adapter's data) is what the
+    default run writes, exactly."""
     train, evals = make_data.generate()
     lines = (ROOT / "examples" / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()
     assert [make_data.json.dumps(r, ensure_ascii=False) for r in train] == lines

@@ -48,7 +48,7 @@ def test_demo_preset_matches_the_recorded_config_and_hyperparameters():
 def test_explicit_flags_override_the_preset():
     args = parse_args(["--preset", "demo", "--max-steps", "5", "--out", "o", "--layers", "0-1", "--base", "b"])
     assert (args.max_steps, args.layers, args.base, args.out) == (5, [0, 1], "b", "o")
-    assert (args.top_k, args.dtype, args.eval_every) == (2, "bfloat16", 55)  # the rest still from the preset
+    assert (args.top_k, args.dtype, args.eval_every) == (4, "bfloat16", 150)  # the rest still from the preset
     assert args.command == "remix-train --preset demo --max-steps 5 --out o --layers 0-1 --base b"
 
 
@@ -71,7 +71,7 @@ def test_help_shows_the_presets_and_their_flags():
     text = " ".join(build_parser().format_help().split())  # the help wraps lines
     for name in PRESETS:
         assert f"{name}: --base " in text
-    assert "--max-steps 220" in text and "--layers 22-29" in text
+    assert "--max-steps 600" in text and "--layers 18-29" in text
 
 
 def test_data_is_still_required_without_a_preset(capsys: pytest.CaptureFixture):
