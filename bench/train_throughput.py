@@ -1,7 +1,7 @@
 """Training throughput of remix-train's step on the bundled base: M = 1, 2, 4 routed passes batched into one forward,
 and, at the largest M, the same step as a Python loop over M (the baseline, run in the same process).
 
-    python bench/train_throughput.py                      # demo config: n=8 k=2 r=8, layers 22-29, up/down
+    python bench/train_throughput.py                      # first demo config: n=8 k=2 r=8, layers 22-29, up/down
     python bench/train_throughput.py --layers all --target-modules gate_proj,up_proj,down_proj --threads 2
 
 One timed step = forward + backward of B examples x M selections (loss and RLOO router term as in training), no
