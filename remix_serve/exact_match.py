@@ -156,6 +156,8 @@ def load_earlier(path: Path, key: str, rows: Sequence[dict]) -> dict:
     """Result `key` of an earlier `--json` file; ValueError unless it scored the same skills with the same counts
     (an earlier column on other data would compare nothing)."""
     results = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(results, dict) or not all(isinstance(v, dict) for v in results.values()):
+        raise ValueError(f"--earlier {path}: not a --json file of exact_match (an object of results by label)")
     if key not in results:
         raise ValueError(f"--earlier {path}:{key}: no result {key!r} there; it has {sorted(results)}")
     want = score(rows, [""] * len(rows))["counts"]

@@ -48,7 +48,7 @@ def _collapse_cell(report, softmax_router: list[float], remix_router: list[float
             [7.0] * 10 + [1.5] * 10,
             [7.0] * 10 + [1.7] * 10,
             "no: both routers concentrate; only the weights applied differ",
-        ),  # noqa: E501
+        ),  # both halve
         ([7.0] * 10 + [5.0] * 10, [7.0] * 10 + [6.0] * 10, "it falls, no collapse"),  # falls, less than half
         ([7.0] * 10 + [7.5] * 10, [7.0] * 10 + [6.0] * 10, "no"),  # softmax does not fall at all
     ],

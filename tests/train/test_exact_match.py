@@ -76,6 +76,9 @@ def test_earlier_results_must_be_parsable_present_and_on_the_same_data(tmp_path:
         em.load_earlier(earlier, "v2", rows)
     with pytest.raises(ValueError, match=r"scored \{'s1': 1, 's2': 1\} examples per skill, this data has"):
         em.load_earlier(earlier, "v1", [*rows, _row("q3", "c", "s2")])
+    earlier.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a --json file of exact_match"):
+        em.load_earlier(earlier, "v1", rows)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
