@@ -3,9 +3,9 @@
     .venv/bin/python bench/micro/cpu_pool_lora.py         # SmolLM2-135M shapes, bf16, r_page=8, one thread
 
 One projection's pool delta (`pool/delta.py`), `out[t] += sum_q coef[t,q] (x[t] A[p]^T) B[p]`, timed three ways:
-  kernel:    `cpu_kernels.pool_lora_add` (csrc/remix_cpu.cpp), what `pool.delta.lora_add` runs on CPUs (on the AMX
-             matrix units from 32 tokens, where the CPU has them);
-  avx512:    the same kernel with its AMX path turned off (`cpu_kernels.set_amx(False)`);
+  kernel:    `cpu_kernels.pool_lora_add` (csrc/remix_cpu.cpp), what `pool.delta.lora_add` runs on CPUs (from 4
+             tokens on the AMX matrix units where the CPU has them, else tiled on AVX512-BF16 where it has that);
+  by page:   the same kernel with both turned off (`set_amx(False)`, `set_tiled(False)`): page by page on AVX-512;
   reference: `pool.delta.lora_add_reference` (gathers of the pages, batched GEMMs);
 and, for scale, the base model's GEMM of the same projection (`F.linear`, oneDNN on the matrix units), for the
 gate projection (D -> I, into the column slice `gate_up[:, :I]`) and the down projection (I -> D), at T tokens,
@@ -72,7 +72,7 @@ def main() -> None:
         f"cpu, {torch.get_num_threads()} thread(s); D={D} I={inter} r_page={rp} bf16; median us per call, "
         "pages out of L2; MB = distinct pages read * r_page * (in + N) * 2 bytes"
     )
-    print("| proj | T | k, r | K | n (P pages) | MB read | kernel us | GB/s | avx512 us | reference us | "
+    print("| proj | T | k, r | K | n (P pages) | MB read | kernel us | GB/s | by page us | reference us | "
           "reference / kernel | base GEMM us | kernel / GEMM |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for proj, d_in, d_out in (("gate", D, inter), ("down", inter, D)):
@@ -106,9 +106,9 @@ def main() -> None:
 
                     timed(kernel, page_lists[:2])  # warm-up
                     t_kernel, t_ref = timed(kernel, page_lists), timed(reference, page_lists)
-                    was = cpu_kernels.set_amx(False)
+                    was = cpu_kernels.set_amx(False), cpu_kernels.set_tiled(False)
                     t_avx = timed(kernel, page_lists)
-                    cpu_kernels.set_amx(was)
+                    cpu_kernels.set_amx(was[0]), cpu_kernels.set_tiled(was[1])
                     t_gemm = timed(lambda _: torch.nn.functional.linear(x, W), page_lists[:1])  # noqa: B023
                     row = [proj, str(T), f"{k}, {r}", str(K), f"{n} ({P})", f"{mb:.2f}", f"{t_kernel * 1e6:.1f}",
                            f"{mb / 1e3 / t_kernel:.1f}", f"{t_avx * 1e6:.1f}", f"{t_ref * 1e6:.1f}",

@@ -132,10 +132,12 @@ def pool_lora_add(
     `[-1, P)` raises before anything is written.
 
     bf16 calls of 32 tokens or more whose picked LoRAs are shared (8 or more tokens each, on average) run on the AMX
-    matrix units where the CPU has them (`amx_available()`).
+    matrix units where the CPU has them (`amx_available()`); without them, bf16 calls of 4 tokens or more whose
+    LoRAs average 4 or more tokens run tiled on AVX512-BF16 where the CPU has that (`tiled_available()`: four
+    tokens and four rank rows per pass, each page read once per call).
     `pages_per_pick` (dividing K) says that each run of that many pages in a token's list is one pick's LoRA, as
-    `pool_route` lists them: the AMX path then multiplies the run as one matrix (up to 16 ranks). The result does
-    not depend on it.
+    `pool_route` lists them: the AMX and tiled paths then multiply the run as one matrix (up to 16 and 32 ranks).
+    The result does not depend on it.
     """
     _lib().pool_lora_add(out, x, A, B, pages, coef, pages_per_pick)
 
@@ -149,6 +151,17 @@ def set_amx(on: bool) -> bool:
     """Allow (or not) `pool_lora_add`'s AMX path in this process; returns the previous setting. For tests and
     benchmarks that compare the two paths; `REMIX_CPU_AMX=0` turns it off from the start."""
     return bool(_lib().set_amx(on))
+
+
+def tiled_available() -> bool:
+    """Whether `pool_lora_add` has its tiled AVX512-BF16 path for bf16 calls on this CPU."""
+    return bool(_lib().tiled_available())
+
+
+def set_tiled(on: bool) -> bool:
+    """Allow (or not) `pool_lora_add`'s tiled AVX512-BF16 path in this process; returns the previous setting. For
+    tests and benchmarks that compare it with the page-by-page path; `REMIX_CPU_TILED=0` turns it off from the start."""
+    return bool(_lib().set_tiled(on))
 
 
 def pool_route(

@@ -231,6 +231,65 @@ def test_amx_path_equals_the_reference_and_the_avx512_path(T, k, ppl, r_page):
     assert (amx == avx).float().mean() > 0.99  # all but the rare value at a rounding boundary
 
 
+needs_tiled = pytest.mark.skipif(
+    not (cpu_kernels.available() and cpu_kernels.tiled_available()), reason="this CPU has no AVX512-BF16"
+)
+
+
+@needs_tiled
+@pytest.mark.parametrize("T", [4, 33, 300, 1100])  # 1100: more than one chunk of the tiled path
+@pytest.mark.parametrize(("k", "ppl", "r_page"), [(2, 1, 8), (2, 2, 8), (3, 2, 4), (2, 1, 16), (2, 4, 8), (1, 3, 12)])
+@pytest.mark.parametrize(("D", "N"), [(160, 96), (97, 131)])  # 97, 131: tails of the 32-value dots, 64-column blocks
+def test_tiled_path_equals_the_reference_and_the_page_path(T, k, ppl, r_page, D, N):
+    """Tiled on AVX512-BF16 (four tokens and four rank rows at a time; a pick's pages as one unit up to 32 ranks,
+    else page by page, as (1, 3, 12) is), the result is the reference's and the page-by-page path's up to one
+    rounding of the output; base tokens and the other columns stay bit-identical."""
+    loras = 12
+    g = torch.Generator().manual_seed(T + 10 * ppl + r_page + D)
+    x = torch.randn(T, D, generator=g).bfloat16()
+    A = (torch.randn(loras * ppl, r_page, D, generator=g) * 0.2).bfloat16()
+    B = (torch.randn(loras * ppl, r_page, N, generator=g) * 0.2).bfloat16()
+    pages = lora_pages(T, k, ppl, loras, seed=T)
+    coef = (torch.rand(T, k, generator=g) + 0.5).repeat_interleave(ppl, dim=1)
+    start = torch.randn(T, 2 * N, generator=g).bfloat16()
+    expected = delta.lora_add_reference(start[:, N:].clone(), x, A, B, pages, coef)
+    was = cpu_kernels.set_amx(False), cpu_kernels.set_tiled(False)
+    try:
+        by_page = start.clone()
+        cpu_kernels.pool_lora_add(by_page[:, N:], x, A, B, pages, coef, ppl)
+        cpu_kernels.set_tiled(True)
+        tiled = start.clone()
+        cpu_kernels.pool_lora_add(tiled[:, N:], x, A, B, pages, coef, ppl)
+    finally:
+        cpu_kernels.set_amx(was[0]), cpu_kernels.set_tiled(was[1])
+    base = (pages < 0).all(dim=1)
+    assert torch.equal(tiled[:, :N], start[:, :N]) and torch.equal(tiled[base], start[base])
+    assert not torch.equal(tiled[~base], start[~base])
+    torch.testing.assert_close(tiled[:, N:], expected, rtol=RTOL[torch.bfloat16], atol=1e-5)
+    torch.testing.assert_close(tiled, by_page, rtol=RTOL[torch.bfloat16], atol=1e-5)
+    assert (tiled == by_page).float().mean() > 0.99  # all but the rare value at a rounding boundary
+
+
+@needs_tiled
+def test_tiled_path_rounds_nan_and_overflow_as_the_page_path():
+    """The tiled path rounds its float32 sums into bf16 with its own vector code: a NaN in out stays NaN, a sum past
+    bf16's range becomes inf, as in the page-by-page path (float_to_bf16)."""
+    gate_up, x, A, B, pages, coef = pool_case(64, 2, 8, torch.bfloat16, seed=9)
+    gate_up[1, 80:90] = float("nan")
+    gate_up[4, 80:90] = 3.3e38  # + the delta may round past bf16's largest finite value
+    was = cpu_kernels.set_amx(False), cpu_kernels.set_tiled(False)
+    try:
+        by_page = gate_up.clone()
+        cpu_kernels.pool_lora_add(by_page[:, 80:], x, A, B, pages, coef)
+        cpu_kernels.set_tiled(True)
+        tiled = gate_up.clone()
+        cpu_kernels.pool_lora_add(tiled[:, 80:], x, A, B, pages, coef)
+    finally:
+        cpu_kernels.set_amx(was[0]), cpu_kernels.set_tiled(was[1])
+    assert tiled[1, 80:90].isnan().all()
+    torch.testing.assert_close(tiled, by_page, rtol=RTOL[torch.bfloat16], atol=1e-5, equal_nan=True)
+
+
 @needs_amx
 def test_amx_path_with_pages_that_are_not_one_pick_per_run():
     """A pages_per_pick hint the pages do not follow (random pages, one id in several runs with other partners)

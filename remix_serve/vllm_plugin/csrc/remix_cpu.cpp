@@ -29,6 +29,7 @@
 namespace {
 
 constexpr int kLanes = 16;
+constexpr int kRouteRun = 4;  // tokens of one slot routed per pass over its router (pool_route)
 // Rows per thread chunk: below this a kernel runs inline, since waking a thread costs more than the work.
 constexpr int64_t kRoutedRowsPerChunk = 64, kConcatRowsPerChunk = 256;
 // Multiply-adds of a shrink_concat call from which it runs on all threads.
@@ -1051,13 +1052,245 @@ bool pool_lora_add_amx(const torch::Tensor& out, const torch::Tensor& x, const t
 }
 #endif
 
+#ifdef REMIX_HAS_BF16_DOT
+// pool_lora_add for prefill-sized bf16 calls on AVX512-BF16 without usable tiles (AMD Zen 4 and later; AMX off).
+// The page-by-page path reads a token's x row, and widens and re-reads B rows and the float32 accumulator, once per
+// (token, page): at a 480-token prompt the delta cost a third of the base model's layers. Here the work is grouped
+// by unit as on AMX (one pick's pages, up to kTiledMaxRanks rank rows, else one page) and a unit's tokens go four at
+// a time, so that each load serves four products. Shrink: 4 tokens x 4 rank rows, 16 vdpbf16ps accumulators along
+// `in` (exact products, float32 sums), summed across lanes by one shuffle tree. Expand: the unit's B rows of a
+// kTiledCols-column block widened to float32 once per call, then 4 tokens x kTiledCols columns held in 16 registers
+// over the unit's ranks with float32 h (as the reference), added into the token's float32 row; each row is rounded
+// once into out when every unit of its block is done. The by-page path's result up to the order of float32 sums.
+constexpr int64_t kTiledCols = 64, kTiledMaxRanks = 32;
+// Tokens per call chunk: a unit's B rows are widened once per chunk, and a block's float32 rows (chunk x kTiledCols x
+// 4 bytes) stay in L2.
+constexpr int64_t kTiledMaxTokens = 1024, kOutAhead = 8, kAPrefetchBytes = 512;
+// Below this many (token, unit) entries per unit on average the page-by-page path is as fast: about where the two
+// break even for a 32-token decode step of one checkpoint (bench/micro/cpu_pool_lora.py shapes).
+constexpr int64_t kTiledMinEntriesPerUnit = 4;
+
+// Off: pool_lora_add keeps to the page-by-page path (REMIX_CPU_TILED=0 at load time, or set_tiled(False)).
+bool tiled_allowed = [] {
+  const char* v = std::getenv("REMIX_CPU_TILED");
+  return v == nullptr || std::string(v) != "0";
+}();
+
+// Lane i of the result = the sum of v[i]'s 16 lanes: pairs, then quads within each 128-bit lane, then across them.
+__attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 sum_lanes16(const __m512* v) {
+  __m512 w[8], z[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of v[4i .. 4i+3]
+    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+    z[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], 0x88), _mm512_shuffle_f32x4(z[2], z[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
+}
+
+// out[4i + j] = x_i . a_j over D bf16 values, for four x rows and four A rows.
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16"))) void dot4x4_bf16(const uint16_t* const* xs,
+                                                                                  const uint16_t* const* as,
+                                                                                  int64_t D, float* out) {
+  constexpr int64_t kStep = 32;
+  __m512 acc[16];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + kStep <= D; d += kStep) {
+    __m512bh a[4];
+    for (int j = 0; j < 4; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(as[j] + d) + kAPrefetchBytes, _MM_HINT_T0);
+      a[j] = (__m512bh)_mm512_loadu_si512(as[j] + d);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[i] + d);
+      for (int j = 0; j < 4; ++j) acc[4 * i + j] = _mm512_dpbf16_ps(acc[4 * i + j], xv, a[j]);
+    }
+  }
+  if (d < D) {  // masked loads read zeros past D
+    const __mmask32 m = (__mmask32(1) << (D - d)) - 1;
+    __m512bh a[4];
+    for (int j = 0; j < 4; ++j) a[j] = (__m512bh)_mm512_maskz_loadu_epi16(m, as[j] + d);
+    for (int i = 0; i < 4; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xs[i] + d);
+      for (int j = 0; j < 4; ++j) acc[4 * i + j] = _mm512_dpbf16_ps(acc[4 * i + j], xv, a[j]);
+    }
+  }
+  _mm512_storeu_ps(out, sum_lanes16(acc));
+}
+
+// ds[i][0 .. kTiledCols) += sum_r hs[i][r] * bb[r], for four tokens i (float32 h, B rows already widened).
+__attribute__((target("avx512f"))) void expand4(const float* const* hs, const float* bb, int64_t rows,
+                                                 float* const* ds, int64_t m) {
+  constexpr int V = kTiledCols / kLanes;
+  __m512 acc[4][V];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 b[V];
+    for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(bb + r * kTiledCols + v * kLanes);
+    for (int i = 0; i < 4; ++i) {
+      const __m512 h = _mm512_set1_ps(hs[i][r]);
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(h, b[v], acc[i][v]);
+    }
+  }
+  for (int64_t i = 0; i < m; ++i)  // in order: two entries of one token (a page listed twice) add to the same row
+    for (int v = 0; v < V; ++v)
+      _mm512_storeu_ps(ds[i] + v * kLanes, _mm512_add_ps(_mm512_loadu_ps(ds[i] + v * kLanes), acc[i][v]));
+}
+
+// bb[r][0 .. kTiledCols) = float(row r's columns [c0, c0 + n)), zero past n.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void widen_block(const uint16_t* const* rows, int64_t nrows,
+                                                                       int64_t c0, int64_t n, float* bb) {
+  for (int64_t r = 0; r < nrows; ++r)
+    for (int64_t v = 0; v < kTiledCols; v += kLanes) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(kLanes, n - v));
+      const __mmask16 m = left == kLanes ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      _mm512_storeu_ps(bb + r * kTiledCols + v,
+                       load_bf16_masked(reinterpret_cast<const at::BFloat16*>(rows[r] + c0 + v), m));
+    }
+}
+
+// ot[0 .. n) = bf16(float(ot) + dl), rounded to nearest even as float_to_bf16 rounds (NaN to 0x7FC0).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i add_round16(__m512 o, __m512 dl) {
+  const __m512 v = _mm512_add_ps(o, dl);
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void add_round_bf16(const float* dl, at::BFloat16* ot,
+                                                                          int64_t n) {
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ot + d), add_round16(load_bf16(ot + d), _mm512_loadu_ps(dl + d)));
+  if (d < n) {
+    const __mmask16 m = __mmask16((1u << (n - d)) - 1);
+    _mm256_mask_storeu_epi16(ot + d, m, add_round16(load_bf16_masked(ot + d, m), _mm512_maskz_loadu_ps(m, dl + d)));
+  }
+}
+
+// One chunk of a bf16 call, tiled (see above); false (nothing done) where its units average fewer than
+// kTiledMinEntriesPerUnit tokens (a decode step spread over many LoRAs: four-token tiles would run mostly empty).
+// Rows of a unit's -1 pages are left out.
+bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& A,
+                         const torch::Tensor& B, const int64_t* pg, const float* cf, int64_t K, int64_t pages_per_pick) {
+  const int64_t T = out.size(0), N = out.size(1), D = x.size(1), R = A.size(1);
+  thread_local PageGroups groups_tl;
+  thread_local std::vector<float> h_tl, delta_tl;
+  auto& groups = groups_tl;
+  auto &H = h_tl, &delta = delta_tl;
+  int64_t unit = pages_per_pick > 1 && pages_per_pick * R <= kTiledMaxRanks ? pages_per_pick : 1;
+  if (!groups.build(pg, T, K, A.size(0), unit)) {
+    unit = 1;
+    groups.build(pg, T, K, A.size(0), unit);
+  }
+  const auto& entries = groups.entries;
+  const auto &starts = groups.starts, &tokens = groups.tokens, &slot_of = groups.slot_of;
+  const int64_t E = static_cast<int64_t>(entries.size()), G = static_cast<int64_t>(starts.size()) - 1;
+  if (E == 0) return true;
+  if (E < kTiledMinEntriesPerUnit * G) return false;
+  const int64_t HR = unit * R, U = static_cast<int64_t>(tokens.size());
+  const int64_t blocks = (N + kTiledCols - 1) / kTiledCols;
+  if (static_cast<int64_t>(H.size()) < E * HR) H.resize(E * HR);
+  if (static_cast<int64_t>(delta.size()) < blocks * U * kTiledCols) delta.resize(blocks * U * kTiledCols);
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* Ap = reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>());
+  const auto* Bp = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
+  auto* O = out.data_ptr<at::BFloat16>();
+  const int64_t xrow = x.stride(0), orow = out.stride(0);
+  // A unit's rank rows: A and B rows of its set pages, and each row's offset in the pick (for its coefficient).
+  const auto unit_rows = [&](int64_t g, const uint16_t** a, const uint16_t** b, int64_t* off) {
+    const int64_t i0 = entries[starts[g]].second;
+    int64_t rows = 0;
+    for (int64_t c = 0; c < unit; ++c) {
+      const int64_t p = pg[i0 + c];
+      for (int64_t j = 0; p >= 0 && j < R; ++j, ++rows) {
+        if (a) a[rows] = Ap + (p * R + j) * D;
+        if (b) b[rows] = Bp + (p * R + j) * N;
+        off[rows] = c;
+      }
+    }
+    return rows;
+  };
+  const bool inline_only = E * HR * (D + N) < 8 * kPoolMacsPerChunk;
+  // Shrink: H[e, row] = coef * (A_row . x[t]) for entry e = (t, unit)
+  at::parallel_for(0, G, inline_only ? G : 1, [&](int64_t g0, int64_t g1) {
+    const uint16_t* a[kTiledMaxRanks];
+    int64_t off[kTiledMaxRanks];
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t rows = unit_rows(g, a, nullptr, off), s = starts[g], s_end = starts[g + 1];
+      for (int64_t e0 = s; e0 < s_end; e0 += 4) {
+        const uint16_t* xs[4];
+        for (int64_t i = 0; i < 4; ++i) xs[i] = X + (entries[std::min(e0 + i, s_end - 1)].second / K) * xrow;
+        for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+          const uint16_t* as[4];
+          float sums[16];
+          for (int64_t j = 0; j < 4; ++j) as[j] = a[std::min(r0 + j, rows - 1)];
+          dot4x4_bf16(xs, as, D, sums);
+          for (int64_t i = 0; i < 4 && e0 + i < s_end; ++i) {
+            const int64_t idx = entries[e0 + i].second;
+            for (int64_t j = 0; j < 4 && r0 + j < rows; ++j)
+              H[(e0 + i) * HR + r0 + j] = sums[4 * i + j] * cf[idx + off[r0 + j]];
+          }
+        }
+      }
+    }
+  });
+  // Expand, a column block per task: delta rows += h B, then out = round(out + delta), the one rounding
+  at::parallel_for(0, blocks, inline_only ? blocks : 1, [&](int64_t b0, int64_t b1) {
+    const uint16_t* b[kTiledMaxRanks];
+    int64_t off[kTiledMaxRanks];
+    alignas(64) float bb[kTiledMaxRanks * kTiledCols];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * kTiledCols, n = std::min(kTiledCols, N - c0);
+      float* const dblk = delta.data() + blk * U * kTiledCols;  // the block's rows, token after token
+      std::memset(dblk, 0, U * kTiledCols * sizeof(float));
+      int64_t rows = G > 0 ? unit_rows(0, nullptr, b, off) : 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t s = starts[g], s_end = starts[g + 1], cur = rows;
+        widen_block(b, cur, c0, n, bb);
+        if (g + 1 < G) {  // the next unit's rows of this block are scattered over the pool: fetch them meanwhile
+          rows = unit_rows(g + 1, nullptr, b, off);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < n * 2; c += 64) _mm_prefetch(reinterpret_cast<const char*>(b[r] + c0) + c, _MM_HINT_T0);
+        }
+        for (int64_t e0 = s; e0 < s_end; e0 += 4) {
+          const float* hs[4];
+          float* ds[4];
+          for (int64_t i = 0; i < 4; ++i) {
+            const int64_t e = std::min(e0 + i, s_end - 1);
+            hs[i] = H.data() + e * HR;
+            ds[i] = dblk + slot_of[entries[e].second / K] * kTiledCols;
+          }
+          expand4(hs, bb, cur, ds, std::min<int64_t>(4, s_end - e0));
+        }
+      }
+      for (int64_t u = 0; u < U; ++u) {  // out's rows are far apart: fetch a few tokens ahead
+        if (u + kOutAhead < U) {
+          const char* next = reinterpret_cast<const char*>(O + tokens[u + kOutAhead] * orow + c0);
+          for (int64_t c = 0; c < n * 2; c += 64) _mm_prefetch(next + c, _MM_HINT_T0);
+        }
+        add_round_bf16(dblk + u * kTiledCols, O + tokens[u] * orow + c0, n);
+      }
+    }
+  });
+  return true;
+}
+#endif
+
 // out[t] += sum_q coef[t, q] * (x[t] A[p]^T) B[p], p = pages[t, q], page -1 skipped: pool/delta.py's
 // lora_add_reference, the contract (float32 accumulation, one rounding into out per token). A token reads only
 // its own listed pages, K * r_page * (in + N) values, whatever the pool's size; a token whose pages are all -1 is
 // not touched. out and x may be column slices (contiguous rows at any stride). bf16 dots use AVX512-BF16 on x and
 // A as they are; otherwise x[t] is widened once per token and A pages not in float32 once per page. bf16 calls of
-// kAmxMinTokens or more run on AMX where the CPU has it. pages_per_pick (dividing K) says that each run of that
-// many pages in a token's list is one pick's LoRA (as pool_route lists them), which the AMX path then takes as one
+// kAmxMinTokens or more run on AMX where the CPU has it; else, from kPageMajorMinTokens, tiled on AVX512-BF16
+// where the CPU has that (pool_lora_add_tiled). pages_per_pick (dividing K) says that each run of that many pages
+// in a token's list is one pick's LoRA (as pool_route lists them), which the AMX and tiled paths then take as one
 // matrix; the result does not depend on it.
 void pool_lora_add(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& B,
                    const torch::Tensor& pages_, const torch::Tensor& coef_, int64_t pages_per_pick) {
@@ -1108,6 +1341,17 @@ void pool_lora_add(const torch::Tensor& out, const torch::Tensor& x, const torch
         const int64_t n = std::min(kAmxMaxTokens, T - start);
         if (!pool_lora_add_amx(out.narrow(0, start, n), x.narrow(0, start, n), A, B, pg + start * K, cf + start * K,
                                K, pages_per_pick))
+          page_major(start, n);
+      }
+      return;
+    }
+#endif
+#ifdef REMIX_HAS_BF16_DOT
+    if (bf16_dot && tiled_allowed && R <= kTiledMaxRanks) {
+      for (int64_t start = 0; start < T; start += kTiledMaxTokens) {
+        const int64_t n = std::min(kTiledMaxTokens, T - start);
+        if (!pool_lora_add_tiled(out.narrow(0, start, n), x.narrow(0, start, n), A, B, pg + start * K, cf + start * K,
+                                 K, pages_per_pick))
           page_major(start, n);
       }
       return;
@@ -1185,6 +1429,53 @@ void pool_lora_add(const torch::Tensor& out, const torch::Tensor& x, const torch
 
 }  // namespace
 
+// logits[i * rows + j] = x_i . p_j (float32) for m <= kRouteRun token rows x_i of one slot and its router rows p_j.
+// With AVX-512, four router rows and up to four tokens at a time: every router load serves the run's tokens (a
+// prefill's tokens all share one router, which is re-read from L2 per token otherwise). Each (token, row) sum
+// is formed in the same order whatever m (16-lane chains over D, then sum_lanes16), so equal rows give equal logits
+// (ties stay ties) and a token's logits do not depend on the batch around it. Else dot_rows per token.
+#if defined(__x86_64__) && defined(__GNUC__)
+template <int M>
+__attribute__((target("avx512f,avx512dq"))) void dot_block_f32(const float* const* xs, const float* const* ps, int64_t D,
+                                                               float* out) {
+  __m512 acc[16];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += kLanes) {
+    const __mmask16 m = D - d >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+    __m512 p[4];
+    for (int j = 0; j < 4; ++j) p[j] = _mm512_maskz_loadu_ps(m, ps[j] + d);
+    for (int i = 0; i < M; ++i) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, xs[i] + d);
+      for (int j = 0; j < 4; ++j) acc[4 * i + j] = _mm512_fmadd_ps(xv, p[j], acc[4 * i + j]);
+    }
+  }
+  _mm512_storeu_ps(out, sum_lanes16(acc));
+}
+#endif
+
+void router_logits(const float* x, int64_t m, const float* P, int64_t rows, int64_t D, float* logits) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  if (avx512) {
+    const float* xs[kRouteRun];
+    for (int64_t i = 0; i < kRouteRun; ++i) xs[i] = x + std::min(i, m - 1) * D;
+    float sums[16];
+    for (int64_t j0 = 0; j0 < rows; j0 += 4) {
+      const float* ps[4];
+      for (int64_t j = 0; j < 4; ++j) ps[j] = P + std::min(j0 + j, rows - 1) * D;
+      if (m == 1)
+        dot_block_f32<1>(xs, ps, D, sums);
+      else
+        dot_block_f32<kRouteRun>(xs, ps, D, sums);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < 4 && j0 + j < rows; ++j) logits[i * rows + j0 + j] = sums[4 * i + j];
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < m; ++i) dot_rows(x + i * D, P, rows, D, logits + i * rows);
+}
+
 // A plain Python module rather than torch.ops: a call through the dispatcher costs about 20 us more the first time
 // after a GEMM has evicted its code and tables, and the plugin calls these in every layer of every decode step.
 // The adapter pool's routing for one layer (pool/model.py AdapterPool.route), every token against its own slot's
@@ -1233,16 +1524,23 @@ std::vector<torch::Tensor> pool_route(const torch::Tensor& x, const torch::Tenso
     const scalar_t* X = x.data_ptr<scalar_t>();
     const int64_t row = x.stride(0);
     at::parallel_for(0, T, kRoutedRowsPerChunk, [&](int64_t begin, int64_t end) {
-      std::vector<float> xf(D), logits(n_max), w(k_max);
+      std::vector<float> xf(kRouteRun * D), run_logits(kRouteRun * n_max), logits(n_max), w(k_max);
       std::vector<char> taken(n_max);
+      int64_t run_start = begin, run_end = begin;  // tokens whose logits are in run_logits
       for (int64_t t = begin; t < end; ++t) {
         const int64_t s = slot[t], k = kk[s];
         std::fill(pg + t * projs * K, pg + (t + 1) * projs * K, int64_t{-1});
         std::fill(cf + t * K, cf + (t + 1) * K, 0.f);
         std::fill(id + t * k_max, id + (t + 1) * k_max, int64_t{-1});
         if (k == 0) continue;
-        to_float(X + t * row, xf.data(), D);
-        dot_rows(xf.data(), P + s * n_max * D, n_max, D, logits.data());
+        if (t >= run_end) {  // the next run of up to kRouteRun tokens of this slot: one pass over its router
+          run_start = t;
+          run_end = t + 1;
+          while (run_end < end && run_end - t < kRouteRun && slot[run_end] == s) ++run_end;
+          for (int64_t i = t; i < run_end; ++i) to_float(X + i * row, xf.data() + (i - t) * D, D);
+          router_logits(xf.data(), run_end - t, P + s * n_max * D, n_max, D, run_logits.data());
+        }
+        std::copy_n(run_logits.data() + (t - run_start) * n_max, n_max, logits.data());
         for (int64_t j = 0; j < n_max; ++j) logits[j] += bs[s * n_max + j];
         std::fill(taken.begin(), taken.end(), 0);
         for (int64_t q = 0; q < k; ++q) {
@@ -1300,6 +1598,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "allow (or not) pool_lora_add's AMX path; returns the previous setting", py::arg("on"));
+  m.def("tiled_available", [] {
+#ifdef REMIX_HAS_BF16_DOT
+    return cpu_has_bf16_dot();
+#else
+    return false;
+#endif
+  }, "whether pool_lora_add has its tiled AVX512-BF16 path for bf16 calls here");
+  m.def("set_tiled", [](bool on) {
+#ifdef REMIX_HAS_BF16_DOT
+    const bool was = tiled_allowed;
+    tiled_allowed = on;
+    return was;
+#else
+    return false;
+#endif
+  }, "allow (or not) pool_lora_add's tiled AVX512-BF16 path; returns the previous setting", py::arg("on"));
   m.def("pool_lora_add", &pool_lora_add, "out += the pool's per-token page delta, in place", py::arg("out"),
         py::arg("x"), py::arg("A"), py::arg("B"), py::arg("pages"), py::arg("coef"), py::arg("pages_per_pick") = 1);
 }
