@@ -45,3 +45,20 @@ def test_remix_serve_adapter_help_comes_from_the_spec():
     help_text = next(a.help for a in build_parser()._actions if "--adapter" in a.option_strings)
     # The spec's first clause, then what remix-serve adds (repeating it for several checkpoints)
     assert help_text.startswith(RemixOverrides.model_fields["checkpoint"].description.split(";")[0])
+
+
+@pytest.mark.parametrize(
+    ("argv", "pool"),
+    [
+        (["--adapter", "./a"], False),  # today's server: the bank fused into the base
+        (["--adapter", "./a", "--pool-size", "1"], True),  # one large checkpoint through the pool (docs/performance)
+        (["--adapter", "./a", "--max-loras", "1"], True),
+        (["--adapter", "./a", "--adapter", "b=./b"], True),
+        (["--adapter-dir", "./ckpts"], True),
+    ],
+)
+def test_one_adapter_is_the_fused_server_unless_a_pool_flag_is_given(argv, pool):
+    from remix_serve.server.cli import is_pool_mode
+
+    args, _ = build_parser().parse_known_args(argv)
+    assert is_pool_mode(args) is pool
