@@ -200,14 +200,11 @@ def lora_pages(T: int, k: int, ppl: int, loras: int, seed: int) -> torch.Tensor:
     return pages.reshape(T, k * ppl)
 
 
-@needs_amx
-@pytest.mark.parametrize("T", [32, 300, 1100])  # 1100: more than one chunk of the AMX path
-@pytest.mark.parametrize(("k", "ppl", "r_page"), [(2, 1, 8), (2, 2, 8), (3, 2, 4), (2, 1, 16), (2, 4, 4), (1, 2, 16)])
-def test_amx_path_equals_the_reference_and_the_avx512_path(T, k, ppl, r_page):
-    """On the matrix units with a pick's pages as one matrix (ppl * r_page <= 16; else page by page), the result is
-    the reference's and the AVX-512 path's up to one rounding of the output; base tokens stay bit-identical."""
-    loras, D, N = 12, 160, 96
-    g = torch.Generator().manual_seed(T + 10 * ppl + r_page)
+def picks_case(T: int, k: int, ppl: int, r_page: int, D: int, N: int, seed: int):
+    """bf16 x, A, B for 12 LoRAs of ppl pages each, `lora_pages`' pages, one coefficient per pick (on its pages),
+    `start` [T, 2N] (the delta goes into its second half) and the reference's result for that half."""
+    loras = 12
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, D, generator=g).bfloat16()
     A = (torch.randn(loras * ppl, r_page, D, generator=g) * 0.2).bfloat16()
     B = (torch.randn(loras * ppl, r_page, N, generator=g) * 0.2).bfloat16()
@@ -215,6 +212,17 @@ def test_amx_path_equals_the_reference_and_the_avx512_path(T, k, ppl, r_page):
     coef = (torch.rand(T, k, generator=g) + 0.5).repeat_interleave(ppl, dim=1)
     start = torch.randn(T, 2 * N, generator=g).bfloat16()
     expected = delta.lora_add_reference(start[:, N:].clone(), x, A, B, pages, coef)
+    return x, A, B, pages, coef, start, expected
+
+
+@needs_amx
+@pytest.mark.parametrize("T", [32, 300, 1100])  # 1100: more than one chunk of the AMX path
+@pytest.mark.parametrize(("k", "ppl", "r_page"), [(2, 1, 8), (2, 2, 8), (3, 2, 4), (2, 1, 16), (2, 4, 4), (1, 2, 16)])
+def test_amx_path_equals_the_reference_and_the_avx512_path(T, k, ppl, r_page):
+    """On the matrix units with a pick's pages as one matrix (ppl * r_page <= 16; else page by page), the result is
+    the reference's and the AVX-512 path's up to one rounding of the output; base tokens stay bit-identical."""
+    N = 96
+    x, A, B, pages, coef, start, expected = picks_case(T, k, ppl, r_page, 160, N, seed=T + 10 * ppl + r_page)
     was = cpu_kernels.set_amx(False)
     try:
         avx = start.clone()
@@ -244,15 +252,7 @@ def test_tiled_path_equals_the_reference_and_the_page_path(T, k, ppl, r_page, D,
     """Tiled on AVX512-BF16 (four tokens and four rank rows at a time; a pick's pages as one unit up to 32 ranks,
     else page by page, as (1, 3, 12) is), the result is the reference's and the page-by-page path's up to one
     rounding of the output; base tokens and the other columns stay bit-identical."""
-    loras = 12
-    g = torch.Generator().manual_seed(T + 10 * ppl + r_page + D)
-    x = torch.randn(T, D, generator=g).bfloat16()
-    A = (torch.randn(loras * ppl, r_page, D, generator=g) * 0.2).bfloat16()
-    B = (torch.randn(loras * ppl, r_page, N, generator=g) * 0.2).bfloat16()
-    pages = lora_pages(T, k, ppl, loras, seed=T)
-    coef = (torch.rand(T, k, generator=g) + 0.5).repeat_interleave(ppl, dim=1)
-    start = torch.randn(T, 2 * N, generator=g).bfloat16()
-    expected = delta.lora_add_reference(start[:, N:].clone(), x, A, B, pages, coef)
+    x, A, B, pages, coef, start, expected = picks_case(T, k, ppl, r_page, D, N, seed=T + 10 * ppl + r_page + D)
     was = cpu_kernels.set_amx(False), cpu_kernels.set_tiled(False)
     try:
         by_page = start.clone()
