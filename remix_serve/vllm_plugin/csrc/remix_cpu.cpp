@@ -1257,7 +1257,8 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
         if (g + 1 < G) {  // the next unit's rows of this block are scattered over the pool: fetch them meanwhile
           rows = unit_rows(g + 1, nullptr, b, off);
           for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < n * 2; c += 64) _mm_prefetch(reinterpret_cast<const char*>(b[r] + c0) + c, _MM_HINT_T0);
+            for (int64_t c = 0; c < n * 2; c += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(b[r] + c0) + c, _MM_HINT_T0);
         }
         for (int64_t e0 = s; e0 < s_end; e0 += 4) {
           const float* hs[4];
