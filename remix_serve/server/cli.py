@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: its folder's name)",
     )
     p.add_argument("--name", help="served model name in single-checkpoint mode (default: the checkpoint folder's name)")
+    p.add_argument(
+        "--bank-path",
+        choices=["auto", "fused", "gather"],
+        help="single-checkpoint mode: how the bank is applied; gather adds each token's k LoRAs to the base "
+        "projections (cost k*r per token), fused appends the whole bank to the base weights (n*r); default auto: "
+        "gather where the CPU kernels run, else fused",
+    )
     pool = p.add_argument_group(
         "multi-checkpoint (pool) mode",
         "Used when --adapter is repeated, or with --adapter-dir or any of these flags. Requests pick a checkpoint "
@@ -118,7 +125,7 @@ def vllm_argv(args: argparse.Namespace, base: Path, passthrough: list[str]) -> l
         "--model", str(base),
         "--tokenizer", str(base),
         "--served-model-name", args.name or Path(checkpoint).name,
-        "--hf-overrides", json.dumps(hf_overrides(checkpoint, base_archs)),
+        "--hf-overrides", json.dumps(hf_overrides(checkpoint, base_archs, args.bank_path)),
         "--worker-extension-cls", WORKER_EXTENSION,
     ]  # fmt: skip
     return argv + server_argv(args, passthrough)
@@ -160,6 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     args, passthrough = build_parser().parse_known_args(argv)
     if is_pool_mode(args):
         from remix_serve.server import pool_cli
+
+        if args.bank_path is not None:
+            print(f"remix-serve: --bank-path {args.bank_path} applies to one checkpoint without pool flags; pool mode "
+                  "always gathers each token's pages", file=sys.stderr)  # fmt: skip
+            sys.exit(EXIT_BAD_CHECKPOINT)
 
         try:
             argv_for_vllm, env = pool_cli.pool_vllm_argv(args)

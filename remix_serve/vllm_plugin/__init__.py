@@ -54,11 +54,12 @@ def remix_architecture(base_architectures: list[str], pool: bool = False) -> str
     )
 
 
-def hf_overrides(checkpoint: str, base_architectures: list[str]) -> dict:
-    """The `hf_overrides` that make vLLM serve a base model with a ReMix checkpoint (spec.RemixOverrides)."""
+def hf_overrides(checkpoint: str, base_architectures: list[str], bank_path: str | None = None) -> dict:
+    """The `hf_overrides` that make vLLM serve a base model with a ReMix checkpoint (spec.RemixOverrides);
+    `bank_path` (auto, fused, gather) says how its bank is applied (default auto)."""
     from remix_serve.vllm_plugin.spec import RemixOverrides
 
-    remix = RemixOverrides(checkpoint=checkpoint).model_dump(exclude_none=True)
+    remix = RemixOverrides(checkpoint=checkpoint, bank_path=bank_path).model_dump(exclude_none=True)
     return {"architectures": [remix_architecture(base_architectures)], "remix": remix}
 
 

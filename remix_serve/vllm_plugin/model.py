@@ -8,6 +8,7 @@ variant. The checkpoint is named in `hf_config.remix["checkpoint"]` (set through
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable
 from functools import cache
 
@@ -39,7 +40,11 @@ from remix_serve.checkpoint import (
     tensor_name,
 )
 from remix_serve.vllm_plugin import bank, counters, cpu_kernels
+from remix_serve.vllm_plugin.pool import delta
+from remix_serve.vllm_plugin.pool.pages import PROJECTIONS
 from remix_serve.vllm_plugin.spec import RemixOverrides
+
+log = logging.getLogger(__name__)
 
 
 @cache
@@ -53,8 +58,28 @@ def remix_checkpoint(vllm_config: VllmConfig) -> Checkpoint:
     return _checkpoint(RemixOverrides.from_hf_config(vllm_config.model_config.hf_config).checkpoint)
 
 
+def resolve_bank_path(requested: str | None) -> str:
+    """`fused` or `gather` for `hf_config.remix["bank_path"]`. `auto` (or none) is gather where the CPU kernels run:
+    there the fused bank's n*r columns cost every prompt token 0.33-0.77x of the base's prefill rate, while the
+    gather path costs k*r and decodes as fast (docs/performance.md). Elsewhere fused: the gather path's GPU
+    kernel (Triton) has not been measured on a GPU yet."""
+    if requested in ("fused", "gather"):
+        return requested
+    return "gather" if current_platform.is_cpu() and cpu_kernels.available() else "fused"
+
+
 class RemixMLP(LlamaMLP):
-    """LlamaMLP plus a float32 router and a stacked LoRA bank per adapted projection, its expand GEMM fused.
+    """LlamaMLP plus a float32 router and a LoRA bank per adapted projection, applied one of two ways (`bank_path`).
+
+    Gather (`bank_path="gather"`): the base projections stay vLLM's own layers and each token's k selected LoRAs are
+    added to their outputs with the multi-checkpoint pool's ops (`pool.delta.route` and `pool.delta.add`: one
+    routing op per layer, one gather delta per projection): the checkpoint's bank is a one-slot pool whose pages are
+    its LoRAs (`[n, r, in]` A and `[n, r, out]` omega * B per projection, this rank's shard under tensor
+    parallelism). Work per token is k*r whatever n, so prefill keeps near the base's rate. With tensor parallelism
+    the down delta is added to the partial sums before the all-reduce (the shrink over this rank's input shard is
+    a partial sum; the delta is linear in it).
+
+    Fused (`bank_path="fused"`), described below: the bank's expand is part of the base GEMMs.
 
     The shrink GEMMs are vLLM linear layers: `gate_up_A` (the A banks of the adapted gate/up projections stacked,
     replicated: [m*n*r, D]) and `down_A` (row-parallel like down_proj: [n*r, I]). The expand GEMM has no layer of
@@ -72,7 +97,7 @@ class RemixMLP(LlamaMLP):
     LoRAs only, and for down, SiLU-and-mul in the same op (bench/micro/cpu_down_input.py).
     """
 
-    def __init__(self, *, vllm_config: VllmConfig, ckpt: Checkpoint, layer: int, prefix: str):
+    def __init__(self, *, vllm_config: VllmConfig, ckpt: Checkpoint, layer: int, prefix: str, bank_path: str):
         cfg = vllm_config.model_config.hf_config
         if vllm_config.quant_config is not None:
             raise ValueError(
@@ -95,6 +120,12 @@ class RemixMLP(LlamaMLP):
         # load_weights: the fused layers are then allocated as they are, bank included, and the unfused base
         # layers dropped here; the checkpoint gives the shapes only.
         self.dummy = vllm_config.load_config.load_format == "dummy"
+        self.bank_path = bank_path
+        self.counters: counters.RoutingCounters | None = None  # shared with the model; set by the model
+        self.slot = 0  # this layer's row in the counters
+        if bank_path == "gather":
+            self._init_gather(vllm_config, n, D, inter // self.tp_size, dtype)
+            return
 
         def fused(make: type, in_features: int, out_features: int, name: str) -> nn.Module:
             # Built on the meta device: load_bank gives it real weights, so nothing is allocated twice.
@@ -116,8 +147,6 @@ class RemixMLP(LlamaMLP):
                 del self.gate_up_proj
             if self.adapt_down:
                 del self.down_proj
-        self.counters: counters.RoutingCounters | None = None  # shared with the model; set by the model
-        self.slot = 0  # this layer's row in the counters
         # One fused op each for routing and for building a fused GEMM's input, where the CPU kernels build
         # (they read unpacked copies of the shrink banks that load_bank makes: not in dummy mode).
         self.cpu_kernels = current_platform.is_cpu() and cpu_kernels.available() and not self.dummy
@@ -126,13 +155,85 @@ class RemixMLP(LlamaMLP):
         self.gate_up_bank: torch.Tensor | None = None
         self.down_bank: torch.Tensor | None = None
 
+    def _init_gather(self, vllm_config: VllmConfig, n: int, D: int, inter_local: int, dtype: torch.dtype) -> None:
+        """The gather path's tensors: the router, the page stores and a one-slot routing table (`pool.delta.route`'s
+        arguments with every token in slot 0), all allocated here so that vLLM's memory profiling counts them."""
+        self.router = nn.Parameter(torch.empty(n, D, dtype=torch.float32), requires_grad=False)
+        r = self.rank
+        self.gather_kernels = current_platform.is_cpu() and cpu_kernels.available()
+        if self.adapt_down and self.tp_size > 1:
+            self.down_proj.reduce_results = False  # the delta joins the partial sums; forward reduces
+        m = len(self.gate_up_targets)
+        buffers = {
+            "A_gate_up": torch.zeros(m * n, r, D, dtype=dtype),  # gate pages first, then up's
+            "B_gate_up": torch.zeros(m * n, r, inter_local, dtype=dtype),
+            "A_down": torch.zeros(n if self.adapt_down else 0, r, inter_local, dtype=dtype),
+            "B_down": torch.zeros(n if self.adapt_down else 0, r, D, dtype=dtype),
+            "route_bias": torch.zeros(1, n, dtype=torch.float32),
+            "route_k": torch.full((1,), self.top_k, dtype=torch.int64),
+            "route_softmax": torch.full((1,), self.weighting == "softmax", dtype=torch.bool),
+            "route_tables": torch.full((1, len(PROJECTIONS), n, 1), -1, dtype=torch.int64),
+            "route_slots": torch.zeros(vllm_config.scheduler_config.max_num_batched_tokens, dtype=torch.int64),
+        }
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor, persistent=False)
+        lora = torch.arange(n)
+        for block, proj in enumerate(self.gate_up_targets):
+            self.route_tables[0, PROJECTIONS.index(proj), :, 0] = lora + block * n
+        if self.adapt_down:
+            self.route_tables[0, PROJECTIONS.index("down_proj"), :, 0] = lora
+
+    @torch.no_grad()
+    def _load_gather(self, tensors: dict[str, torch.Tensor], omega: float) -> list[str]:
+        """The gather path's load: router, and each LoRA's A rows and omega * B columns (transposed) as its pages,
+        this rank's shard of them (gate/up: B's output rows; down: A's input columns)."""
+        self.router.copy_(tensors[router_name(self.layer)])
+        n = self.num_loras
+        rows = self.B_gate_up.shape[2] if self.gate_up_targets else self.A_down.shape[2]  # I / tp
+        shard = slice(self.tp_rank * rows, (self.tp_rank + 1) * rows)
+
+        def pair(proj: str) -> tuple[torch.Tensor, torch.Tensor]:  # [n, r, in], [n, r, out] in float32
+            a = tensors[tensor_name(self.layer, proj, "lora_A")].float()
+            b = tensors[tensor_name(self.layer, proj, "lora_B")].float() * omega
+            return a, b.transpose(1, 2)
+
+        for block, proj in enumerate(self.gate_up_targets):
+            a, b = pair(proj)
+            self.A_gate_up[block * n : (block + 1) * n] = a.to(self.A_gate_up.dtype)
+            self.B_gate_up[block * n : (block + 1) * n] = b[:, :, shard].to(self.B_gate_up.dtype)
+        if self.adapt_down:
+            a, b = pair("down_proj")
+            self.A_down.copy_(a[:, :, shard].to(self.A_down.dtype))
+            self.B_down.copy_(b.to(self.B_down.dtype))
+        return ["router"]
+
+    def _forward_gather(self, x: torch.Tensor) -> torch.Tensor:
+        T, on = x.shape[0], self.gather_kernels
+        pages, coef, ids = delta.route(x, self.router[None], self.route_bias, self.route_k, self.route_softmax,
+                                       self.route_slots[:T], self.route_tables, self.top_k, on)  # fmt: skip
+        if self.counters is not None:
+            self.counters.add(self.slot, ids)
+        gate_up, _ = self.gate_up_proj(x)  # [T, 2 * I/tp]
+        for proj in self.gate_up_targets:
+            half = PROJECTIONS.index(proj)
+            offset = half * (gate_up.shape[1] // 2)
+            delta.add(gate_up, offset, x, self.A_gate_up, self.B_gate_up, pages[:, half], coef, 1, on)
+        act = self.act_fn(gate_up)
+        out, _ = self.down_proj(act)  # [T, D], partial when tp > 1 and down is adapted
+        if not self.adapt_down:
+            return out
+        delta.add(out, 0, act, self.A_down, self.B_down, pages[:, PROJECTIONS.index("down_proj")], coef, 1, on)
+        return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out
+
     @torch.no_grad()
     def load_bank(self, tensors: dict[str, torch.Tensor], omega: float) -> list[str]:
         """Load router and shrink banks, fuse each expand bank into its base projection, drop the unfused layers.
 
         Runs after vLLM's loader has filled the base weights. Returns the names of the parameters it filled,
-        relative to this module.
+        relative to this module. The gather path keeps the base layers and fills its page stores instead.
         """
+        if self.bank_path == "gather":
+            return self._load_gather(tensors, omega)
         self.router.copy_(tensors[router_name(self.layer)])
         filled = ["router"]
 
@@ -214,6 +315,8 @@ class RemixMLP(LlamaMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D], vLLM's flat token batch
+        if self.bank_path == "gather":
+            return self._forward_gather(x)
         weights, ids = self.route(x)
         if self.counters is not None:
             self.counters.add(self.slot, ids)
@@ -249,12 +352,20 @@ class RemixModelMixin:
             raise CheckpointError(problems)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.remix_checkpoint = ckpt
+        requested = RemixOverrides.from_hf_config(vllm_config.model_config.hf_config).bank_path
+        self.remix_bank_path = resolve_bank_path(requested)
+        log.info("remix-serve: %s bank path for %s (requested: %s)", self.remix_bank_path, ckpt.path,
+                 requested or "auto")  # fmt: skip
         layers_prefix = f"{maybe_prefix(prefix, 'model')}.layers"
         for layer in ckpt.config.adapted_layers:
             decoder = self.model.layers[layer]
             if hasattr(decoder, "mlp"):  # pipeline parallelism leaves other ranks' layers as placeholders
                 decoder.mlp = RemixMLP(
-                    vllm_config=vllm_config, ckpt=ckpt, layer=layer, prefix=f"{layers_prefix}.{layer}.mlp"
+                    vllm_config=vllm_config,
+                    ckpt=ckpt,
+                    layer=layer,
+                    prefix=f"{layers_prefix}.{layer}.mlp",
+                    bank_path=self.remix_bank_path,
                 )
         mlps = sorted(self.remix_mlps(), key=lambda m: m.layer)
         device = mlps[0].router.device if mlps else torch.device("cpu")

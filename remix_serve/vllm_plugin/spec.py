@@ -9,13 +9,17 @@ settings of a multi-checkpoint pool (`pool/`), whose checkpoints arrive as vLLM 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # remix-serve's pool mode passes its own settings (server/pool_cli.PoolServerConfig, JSON) to the API process's
 # plugins (the endpoint, the --adapter-dir resolver) in this environment variable.
 POOL_ENV = "REMIX_POOL_SERVER"
+# How a one-checkpoint model applies its bank (model.py, RemixMLP): "fused" appends B to the base weights (a dense
+# bank, n*r per token), "gather" keeps the base weights and adds each token's k LoRAs with the pool's kernels;
+# "auto" picks gather where the CPU kernels run, fused elsewhere (model.resolve_bank_path).
+BankPath = Literal["auto", "fused", "gather"]
 # The one module vLLM's LoRA machinery wraps in a multi-checkpoint model (pool/vllm_hooks.py): --lora-target-modules.
 # Here, not in the package's __init__, so that pool/vllm_hooks.py imports it without an import cycle.
 ANCHOR = "remix_anchor"
@@ -45,11 +49,17 @@ class RemixOverrides(BaseModel):
         "hf_overrides, since the engine's working directory may differ",
     )
     pool: PoolSettings | None = Field(default=None, description="multi-checkpoint pool settings (pool/)")
+    bank_path: BankPath | None = Field(
+        default=None,
+        description="how one checkpoint's bank is applied: auto (the default), fused or gather; not with a pool",
+    )
 
     @model_validator(mode="after")
     def _one_mode(self) -> RemixOverrides:
         if (self.checkpoint is None) == (self.pool is None):
             raise ValueError("exactly one of 'checkpoint' and 'pool' must be given")
+        if self.pool is not None and self.bank_path is not None:
+            raise ValueError(f"bank_path={self.bank_path!r} applies to one checkpoint, not to a pool")
         return self
 
     @classmethod

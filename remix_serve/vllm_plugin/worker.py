@@ -1,8 +1,8 @@
 """Worker extension: the RPC methods through which the API process reads the model's counters.
 
 Installed with `--worker-extension-cls remix_serve.vllm_plugin.worker:RemixWorkerExtension` (remix-serve sets it)
-and called with `collective_rpc("remix_counts")`; `remix_compilation` tells how the worker runs the model, and the
-`remix_pool_*` methods serve a multi-checkpoint model's pool.
+and called with `collective_rpc("remix_counts")`; `remix_compilation` and `remix_bank_path` tell how the worker runs
+the model, and the `remix_pool_*` methods serve a multi-checkpoint model's pool.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class RemixWorkerExtension:
     def remix_pool_trace(self, on: bool) -> list[dict[str, int]] | None:
         """Start or stop tracing the distinct pool pages each forward selects (pool/model.py `set_trace`)."""
         return self._remix_model().remix_pool_trace(on)
+
+    def remix_bank_path(self) -> str:
+        """How a one-checkpoint model applies its bank: "fused" or "gather" (model.py, `resolve_bank_path`)."""
+        return self._remix_model().remix_bank_path
 
     def remix_record(self, on: bool) -> dict[int, list[list[int]]] | None:
         return self._remix_model().remix_record(on)

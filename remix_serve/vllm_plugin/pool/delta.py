@@ -13,7 +13,9 @@ Store layout (`AdapterPool` in `pool/model.py` allocates it once): `A [P, r_page
 
 The CPU kernels (csrc/remix_cpu.cpp) meet these contracts: `cpu_kernels.pool_route` and `cpu_kernels.pool_lora_add`;
 on CUDA, `triton_kernels.pool_lora_add_triton` meets `lora_add_reference`'s (routing stays `route_reference`, plain
-PyTorch on the GPU). `lora_add` picks the kernel for the tensors' device, else the reference.
+PyTorch on the GPU). `lora_add` picks the kernel for the tensors' device, else the reference; `route` and `add` are
+what the models call (the pool's `AdapterPool` and the one-checkpoint gather path, model.py): the same choice, and
+under torch.compile the kernels' custom-op forms.
 """
 
 from __future__ import annotations
@@ -122,3 +124,54 @@ def route_reference(
     pages = rows.gather(2, ids.view(T, 1, k_max, 1).expand(T, PROJECTIONS, k_max, ppl))
     pages = torch.where(used.view(T, 1, k_max, 1), pages, -1).view(T, PROJECTIONS, k_max * ppl)
     return pages, weights.repeat_interleave(ppl, dim=1), torch.where(used, ids, -1)
+
+
+def route(
+    x: torch.Tensor,
+    routers: torch.Tensor,
+    bias: torch.Tensor,
+    k: torch.Tensor,
+    softmax: torch.Tensor,
+    slots: torch.Tensor,
+    tables: torch.Tensor,
+    k_max: int,
+    cpu_kernels_on: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`route_reference`'s result: by `cpu_kernels.pool_route` where `cpu_kernels_on` (its custom op when compiling:
+    one opaque node), else by the reference."""
+    args = (x, routers, bias, k, softmax, slots, tables, k_max)
+    if not cpu_kernels_on:
+        return route_reference(*args)
+    from remix_serve.vllm_plugin import cpu_kernels
+
+    return (cpu_kernels.pool_route_op if torch.compiler.is_compiling() else cpu_kernels.pool_route)(*args)
+
+
+def add(
+    out: torch.Tensor,
+    offset: int,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    pages: torch.Tensor,
+    coef: torch.Tensor,
+    pages_per_pick: int,
+    cpu_kernels_on: bool,
+) -> None:
+    """Add the delta of (A, B)'s pages into columns `[offset, offset + N)` of `out` in place (N = B's width).
+
+    Eager: `lora_add` on a column view. Compiled: ops that take the whole output and the offset, never a view (a
+    compiled graph in vLLM's backend got wrong results from an op mutating a view of an intermediate)."""
+    if not torch.compiler.is_compiling():
+        lora_add(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef, pages_per_pick)
+        return
+    from remix_serve.vllm_plugin.pool import triton_kernels
+
+    if cpu_kernels_on:
+        from remix_serve.vllm_plugin import cpu_kernels
+
+        cpu_kernels.pool_lora_add_op(out, offset, x, A, B, pages, coef, pages_per_pick)
+    elif triton_kernels.usable(out.device):
+        torch.ops.remix.pool_lora_add_triton(out, offset, x, A, B, pages, coef)
+    else:
+        lora_add_reference(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef)

@@ -42,7 +42,7 @@ from vllm.sequence import IntermediateTensors
 from remix_serve.checkpoint import CONFIG_FILE, BaseFingerprint, Checkpoint, router_name, tensor_name
 from remix_serve.vllm_plugin import cpu_kernels
 from remix_serve.vllm_plugin.counters import count_picks, real_token_mask
-from remix_serve.vllm_plugin.pool import delta, triton_kernels, vllm_hooks
+from remix_serve.vllm_plugin.pool import delta, vllm_hooks
 from remix_serve.vllm_plugin.pool.admission import SIZE_HINT, check_admission
 from remix_serve.vllm_plugin.pool.pages import PROJECTIONS, STORE_OF, LoraLayout, PagePool, page_rows
 from remix_serve.vllm_plugin.spec import PoolSettings, RemixOverrides
@@ -233,14 +233,12 @@ class AdapterPool(nn.Module):
         One fused op on the CPU (`cpu_kernels.pool_route`), else its PyTorch reference (`delta.route_reference`);
         compiled, the op's custom-op form and one counting op per layer (`counters.count_pool_routes`)."""
         T = x.shape[0]
-        args = (x, self.routers[layer], self.bias[layer], self.k[layer], self.softmax, self.step_slots[:T],
-                self.tables[layer], self.k_max)  # fmt: skip
+        pages, coef, ids = delta.route(x, self.routers[layer], self.bias[layer], self.k[layer], self.softmax,
+                                       self.step_slots[:T], self.tables[layer], self.k_max,
+                                       self.cpu_kernels)  # fmt: skip
         if torch.compiler.is_compiling():
-            route = cpu_kernels.pool_route_op if self.cpu_kernels else delta.route_reference
-            pages, coef, ids = route(*args)
             torch.ops.remix.count_pool_routes(self.activations, self.routed, layer, self.step_slots, ids, self.real)
             return pages, coef
-        pages, coef, ids = (cpu_kernels.pool_route if self.cpu_kernels else delta.route_reference)(*args)
         self.pending.append((layer, ids))
         if self.trace is not None:
             self.step_pages.append(pages)
@@ -251,14 +249,7 @@ class AdapterPool(nn.Module):
     ) -> None:
         """Add the delta of `store`'s pages into columns `[offset, offset + N)` of `out`, in place."""
         A, B = getattr(self, f"A_{store}"), getattr(self, f"B_{store}")
-        if not torch.compiler.is_compiling():
-            delta.lora_add(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef, self.pages_per_lora)
-        elif self.cpu_kernels:  # compiled: ops that take the whole output and the offset, never a view
-            cpu_kernels.pool_lora_add_op(out, offset, x, A, B, pages, coef, self.pages_per_lora)
-        elif triton_kernels.usable(out.device):
-            torch.ops.remix.pool_lora_add_triton(out, offset, x, A, B, pages, coef)
-        else:
-            delta.lora_add_reference(out.narrow(1, offset, B.shape[2]), x, A, B, pages, coef)
+        delta.add(out, offset, x, A, B, pages, coef, self.pages_per_lora, self.cpu_kernels)
 
     def set_trace(self, on: bool) -> list[dict[str, int]] | None:
         """Start (on) or stop tracing; stopping returns, per forward with ReMix tokens, its tokens and the distinct
