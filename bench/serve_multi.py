@@ -14,23 +14,23 @@ count, 128 generated tokens each (EOS ignored). (b) vLLM's own multi-LoRA with a
 on the same projections (max_loras = that number) against the pool with as many ReMix checkpoints, same traffic.
 (c) one checkpoint of n = 8, 32, 64 and r = 8, 16 (k=2) against the plain base model: decode as above and
 prefill-heavy (32 prompts of 480 tokens, 1 output token), through the pool (`pool_engine_kwargs`) and through the
-fused single-checkpoint model (`hf_overrides`, what `remix-serve --adapter` runs for one checkpoint). (d) on-demand
+single-checkpoint model (`hf_overrides`, what `remix-serve --adapter` runs for one checkpoint) on both of its bank
+paths: gather (its default where the CPU kernels run) and fused (`--bank-path fused`). (d) on-demand
 loading in a pool engine (max_loras 2, a pool of 2 checkpoints) that serves two others: the first request to a
 checkpoint never loaded (cold: disk read + validation + page copy), the same request once resident (warm), and the
 request after the pool evicted it (page-in from the host copy vLLM keeps: page copy, no disk read).
 
-Decode throughput is 32 x 128 / (t(129 output tokens) - t(1 output token)) with 16-token prompts: the prefill
-and the first token cancel out. Its LIMIT is memory traffic: a decode step reads the base weights (the stored
-parameters x 2 bytes; tied embeddings stored once and counted once, as the LM head that reads them) plus the
-distinct pool pages the step's tokens selected (the mean over the traced decode forwards of `remix_pool_trace`,
-each page `page_bytes(D, I, r_page, bf16)`). The limit ratio of N checkpoints to one (or of a checkpoint to the
-base) is bytes per step of the one over bytes per step of the other; "fraction of limit" = measured ratio / limit
-ratio. The KV cache a step reads is left out (the same in every configuration; counting it would bring every limit
-ratio closer to 1). For the fused path the pool's trace of the same checkpoint stands in (the same rows of A and B
-are the least it can read). A prefill figure's limit is arithmetic: the base model's multiply-adds per prompt token
-(its projections, and attention over the prompt's mean causal length) over those plus the checkpoint's (each
-token's k LoRAs of rank r on gate, up and down, and its n router logits), the ratio a delta computed at the base
-GEMMs' rate would reach.
+Decode throughput is 32 x 128 / (t(129 output tokens) - t(1 output token)) with 16-token prompts: the prefill and the
+first token cancel out. Its LIMIT is memory traffic: a decode step reads the base weights (the stored parameters x 2
+bytes; tied embeddings stored once and counted once, as the LM head that reads them) plus the distinct pool pages the
+step's tokens selected (the mean over the traced decode forwards of `remix_pool_trace`, each page `page_bytes(D, I,
+r_page, bf16)`). The limit ratio of N checkpoints to one (or of a checkpoint to the base) is bytes per step of the one
+over bytes per step of the other; "fraction of limit" = measured ratio / limit ratio. The KV cache a step reads is left
+out (the same in every configuration; counting it would bring every limit ratio closer to 1). For the single-checkpoint
+paths the pool's trace of the same checkpoint stands in (the same rows of A and B are the least they can read). A
+prefill figure's limit is arithmetic: the base model's multiply-adds per prompt token (its projections, and attention
+over the prompt's mean causal length) over those plus the checkpoint's (each token's k LoRAs of rank r on gate, up and
+down, and its n router logits), the ratio a delta computed at the base GEMMs' rate would reach.
 
 Engines of one workload are built once and kept side by side (in (c): the base engine, plus the two engines of one
 configuration at a time); each repeat runs them in turn, in reverse order every other repeat, and every ratio is
@@ -67,6 +67,8 @@ K, R = 2, 8  # top-k and rank of the (a), (b) and (d) checkpoints; n = 8
 N = 8
 MAX_SLOTS = 32  # (a): max_loras = min(count, MAX_SLOTS)
 C_CONFIGS = "8x8,32x8,64x8,8x16,32x16,64x16"  # (c): n x r
+C_SINGLE = ("gather", "fused")  # (c): the single-checkpoint model's bank paths (--bank-path)
+C_PATHS = ("pool", *C_SINGLE)
 
 
 @dataclass
@@ -151,8 +153,10 @@ def pool_engine(setup: Setup, configs: list, max_loras: int, pool_size: str | No
     return engine(setup, **pool_engine_kwargs(settings, setup.archs, max_loras)), settings
 
 
-def fused_engine(setup: Setup, ckpt: Path):
-    return engine(setup, hf_overrides=hf_overrides(str(ckpt), setup.archs), worker_extension_cls=WORKER_EXTENSION)
+def single_engine(setup: Setup, ckpt: Path, bank_path: str | None = None):
+    """The single-checkpoint model, as `remix-serve --adapter ckpt [--bank-path ...]` runs it."""
+    overrides = hf_overrides(str(ckpt), setup.archs, bank_path)
+    return engine(setup, hf_overrides=overrides, worker_extension_cls=WORKER_EXTENSION)
 
 
 def close(llm) -> None:
@@ -360,8 +364,8 @@ def workload_b(setup: Setup, counts: list[int], repeats: int) -> None:
 def workload_c(setup: Setup, configs: list[tuple[int, int]], repeats: int) -> None:
     s = setup.sizes
     print(f"\n(c) one checkpoint (k={K}) against the base: decode ({s.requests} x {s.decode_out} tokens) and prefill "
-          f"({s.requests} prompts of {s.prefill_prompt} tokens, 1 output token), through the pool and the fused "
-          f"single-checkpoint model", flush=True)  # fmt: skip
+          f"({s.requests} prompts of {s.prefill_prompt} tokens, 1 output token), through the pool and the "
+          f"single-checkpoint model's gather and fused bank paths", flush=True)  # fmt: skip
     rng = random.Random(3)
     decode_prompts = [[rng.randrange(100, 300) for _ in range(s.decode_prompt)] for _ in range(s.requests)]
     prefill_prompts = [[rng.randrange(100, 300) for _ in range(s.prefill_prompt)] for _ in range(s.requests)]
@@ -373,21 +377,21 @@ def workload_c(setup: Setup, configs: list[tuple[int, int]], repeats: int) -> No
         path, cfg = build_remix(setup, setup.tmp / f"c{n}x{r}", n, K, r, seed=n * 100 + r)
         (req,) = lora_requests([path], f"c{n}x{r}-")
         pool, settings = pool_engine(setup, [cfg], max_loras=1)
-        fused = fused_engine(setup, path)
-        generate(pool, decode_prompts[:2], 2, req)
-        generate(fused, decode_prompts[:2], 2)
+        engines = {"pool": (pool, req), **{kind: (single_engine(setup, path, kind), None) for kind in C_SINGLE}}
+        for llm, lr in engines.values():
+            generate(llm, decode_prompts[:2], 2, lr)
         pages = traced_pages(pool, decode_prompts, s.trace_out, req)
         limit = setup.base_bytes / step_bytes(setup, pages, settings["r_page"])
         group = Group()
-        for kind, llm, lr in (("base", base, None), ("pool", pool, req), ("fused", fused, None)):
+        for kind, (llm, lr) in {"base": (base, None), **engines}.items():
             group.runners[f"decode {kind}"] = lambda rep, e=llm, q=lr: decode_rate(e, decode_prompts, s.decode_out, q)
             group.runners[f"prefill {kind}"] = lambda rep, e=llm, q=lr: prefill_rate(e, prefill_prompts, q)
         group.run(repeats, "tok/s")
-        close(pool)
-        close(fused)
+        for llm, _ in engines.values():
+            close(llm)
         row = {"n": n, "r": r, "limit": limit, "pages": pages,
                "prefill limit": prefill_flop_limit(setup, n, K, r, s.prefill_prompt)}  # fmt: skip
-        for kind in ("pool", "fused"):
+        for kind in C_PATHS:
             for phase in ("decode", "prefill"):
                 row[f"{phase} {kind}"] = group.ratio(f"{phase} {kind}", f"{phase} base")
                 row[f"{phase} {kind} tok/s"] = group.median(f"{phase} {kind}")
@@ -395,27 +399,29 @@ def workload_c(setup: Setup, configs: list[tuple[int, int]], repeats: int) -> No
         results.append(row)
         print(
             f"    traced decode step: {pages['gate_up']:.0f} gate_up + {pages['down']:.0f} down pages; limit ratio "
-            f"{limit:.3f}; decode pool {row['decode pool'][0]:.2f} fused {row['decode fused'][0]:.2f}, prefill "
-            f"pool {row['prefill pool'][0]:.2f} fused {row['prefill fused'][0]:.2f} of the base",
+            f"{limit:.3f}; of the base, decode "
+            + ", ".join(f"{kind} {row[f'decode {kind}'][0]:.2f}" for kind in C_PATHS)
+            + "; prefill "
+            + ", ".join(f"{kind} {row[f'prefill {kind}'][0]:.2f}" for kind in C_PATHS),
             flush=True,
         )
     close(base)
 
+    columns = [f"{phase} {kind} / base" for phase in ("decode", "prefill") for kind in C_PATHS]
     print(
-        "\n| n | r | decode base tok/s | decode pool / base | decode fused / base | limit ratio | prefill pool / base"
-        " | prefill fused / base | prefill limit (FLOPs) | faster path (decode, prefill) |"
-        "\n|---|---|---|---|---|---|---|---|---|---|"
+        "\n| n | r | decode base tok/s | limit ratio | prefill limit (FLOPs) | "
+        + " | ".join(columns)
+        + " | fastest (decode, prefill) |\n"
+        + "|---" * (len(columns) + 6)
+        + "|"
     )
     for row in results:
-        faster = ", ".join(
-            "pool" if row[f"{p} pool"][0] >= row[f"{p} fused"][0] else "fused" for p in ("decode", "prefill")
-        )
-        print(f"| {row['n']} | {row['r']} | {row['decode base tok/s']:.1f} | {row['decode pool'][0]:.2f} "
-              f"({fmt_pairs(row['decode pool'][1])}) | {row['decode fused'][0]:.2f} "
-              f"({fmt_pairs(row['decode fused'][1])}) | {row['limit']:.3f} | {row['prefill pool'][0]:.2f} "
-              f"({fmt_pairs(row['prefill pool'][1])}) | {row['prefill fused'][0]:.2f} "
-              f"({fmt_pairs(row['prefill fused'][1])}) | {row['prefill limit']:.3f} | {faster} |")  # fmt: skip
-        for kind in ("pool", "fused"):
+        fastest = ", ".join(max(C_PATHS, key=lambda kind: row[f"{p} {kind}"][0]) for p in ("decode", "prefill"))
+        cells = [f"{row[f'{phase} {kind}'][0]:.2f} ({fmt_pairs(row[f'{phase} {kind}'][1])})"
+                 for phase in ("decode", "prefill") for kind in C_PATHS]  # fmt: skip
+        print(f"| {row['n']} | {row['r']} | {row['decode base tok/s']:.1f} | {row['limit']:.3f} | "
+              f"{row['prefill limit']:.3f} | " + " | ".join(cells) + f" | {fastest} |")  # fmt: skip
+        for kind in C_PATHS:
             ratio = row[f"decode {kind}"][0]
             frac = ratio / row["limit"]
             setup.rows.append((f"(c) decode vs base, {kind}", f"n={row['n']} r={row['r']}",
