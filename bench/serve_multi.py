@@ -15,7 +15,7 @@ on the same projections (max_loras = that number) against the pool with as many 
 (c) one checkpoint of n = 8, 32, 64 and r = 8, 16 (k=2) against the plain base model: decode as above and
 prefill-heavy (32 prompts of 480 tokens, 1 output token), through the pool (`pool_engine_kwargs`) and through the
 single-checkpoint model (`hf_overrides`, what `remix-serve --adapter` runs for one checkpoint) on both of its bank
-paths: gather (its default where the CPU kernels run) and fused (`--bank-path fused`). (d) on-demand
+paths, gather and fused (`--bank-path`; the table says which one the default, auto, serves). (d) on-demand
 loading in a pool engine (max_loras 2, a pool of 2 checkpoints) that serves two others: the first request to a
 checkpoint never loaded (cold: disk read + validation + page copy), the same request once resident (warm), and the
 request after the pool evicted it (page-in from the host copy vLLM keeps: page copy, no disk read).
@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from safetensors import safe_open
 from serve_throughput import build_peft_lora  # bench/ is the script's folder, first on sys.path
@@ -151,6 +152,14 @@ def pool_engine(setup: Setup, configs: list, max_loras: int, pool_size: str | No
     settings = plan_pool(configs, max_loras=max_loras, hidden_size=setup.D, intermediate_size=setup.I,
                          dtype="bfloat16", pool_size=pool_size)  # fmt: skip
     return engine(setup, **pool_engine_kwargs(settings, setup.archs, max_loras)), settings
+
+
+def auto_path(setup: Setup, cfg) -> str:
+    """The bank path `remix-serve --adapter` serves this checkpoint with here (`--bank-path auto`)."""
+    from remix_serve.vllm_plugin import cpu_kernels
+    from remix_serve.vllm_plugin.bank import auto_bank_path
+
+    return auto_bank_path(cfg, SimpleNamespace(**setup.hf), gather_kernels=cpu_kernels.available())
 
 
 def single_engine(setup: Setup, ckpt: Path, bank_path: str | None = None):
@@ -389,7 +398,7 @@ def workload_c(setup: Setup, configs: list[tuple[int, int]], repeats: int) -> No
         group.run(repeats, "tok/s")
         for llm, _ in engines.values():
             close(llm)
-        row = {"n": n, "r": r, "limit": limit, "pages": pages,
+        row = {"n": n, "r": r, "limit": limit, "pages": pages, "auto": auto_path(setup, cfg),
                "prefill limit": prefill_flop_limit(setup, n, K, r, s.prefill_prompt)}  # fmt: skip
         for kind in C_PATHS:
             for phase in ("decode", "prefill"):
@@ -411,8 +420,8 @@ def workload_c(setup: Setup, configs: list[tuple[int, int]], repeats: int) -> No
     print(
         "\n| n | r | decode base tok/s | limit ratio | prefill limit (FLOPs) | "
         + " | ".join(columns)
-        + " | fastest (decode, prefill) |\n"
-        + "|---" * (len(columns) + 6)
+        + " | fastest (decode, prefill) | auto serves |\n"
+        + "|---" * (len(columns) + 7)
         + "|"
     )
     for row in results:
@@ -420,7 +429,7 @@ def workload_c(setup: Setup, configs: list[tuple[int, int]], repeats: int) -> No
         cells = [f"{row[f'{phase} {kind}'][0]:.2f} ({fmt_pairs(row[f'{phase} {kind}'][1])})"
                  for phase in ("decode", "prefill") for kind in C_PATHS]  # fmt: skip
         print(f"| {row['n']} | {row['r']} | {row['decode base tok/s']:.1f} | {row['limit']:.3f} | "
-              f"{row['prefill limit']:.3f} | " + " | ".join(cells) + f" | {fastest} |")  # fmt: skip
+              f"{row['prefill limit']:.3f} | " + " | ".join(cells) + f" | {fastest} | {row['auto']} |")  # fmt: skip
         for kind in C_PATHS:
             ratio = row[f"decode {kind}"][0]
             frac = ratio / row["limit"]

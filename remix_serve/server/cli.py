@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any other flag is passed to vLLM, e.g. --max-num-seqs 64 or --kv-cache-memory-bytes 1073741824. "
         "Example: remix-serve --adapter ./ckpt --port 8000",
     )
+    from remix_serve.vllm_plugin.bank import FUSED_MAX_SHARE
     from remix_serve.vllm_plugin.spec import RemixOverrides
 
     checkpoint_help = RemixOverrides.model_fields["checkpoint"].description.split(";")[0]
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "fused", "gather"],
         help="single-checkpoint mode: how the bank is applied; gather adds each token's k LoRAs to the base "
         "projections (cost k*r per token), fused appends the whole bank to the base weights (n*r); default auto: "
-        "gather where the CPU kernels run, else fused",
+        f"gather where the CPU kernels run and a fused bank would add more than {FUSED_MAX_SHARE:.0%}% of the "
+        "base's work per token, else fused",
     )
     pool = p.add_argument_group(
         "multi-checkpoint (pool) mode",

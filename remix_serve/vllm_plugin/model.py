@@ -58,14 +58,14 @@ def remix_checkpoint(vllm_config: VllmConfig) -> Checkpoint:
     return _checkpoint(RemixOverrides.from_hf_config(vllm_config.model_config.hf_config).checkpoint)
 
 
-def resolve_bank_path(requested: str | None) -> str:
-    """`fused` or `gather` for `hf_config.remix["bank_path"]`. `auto` (or none) is gather where the CPU kernels run:
-    there the fused bank's n*r columns cost every prompt token 0.33-0.77x of the base's prefill rate, while the
-    gather path costs k*r and decodes as fast (docs/performance.md). Elsewhere fused: the gather path's GPU
-    kernel (Triton) has not been measured on a GPU yet."""
+def resolve_bank_path(requested: str | None, ckpt: Checkpoint, hf_config: object) -> str:
+    """`fused` or `gather` for `hf_config.remix["bank_path"]`; `auto` (or none) is `bank.auto_bank_path`, with the
+    gather kernels counted as running where the CPU kernels do. On a GPU auto stays fused: the gather path's Triton
+    kernel has not been measured on one yet."""
     if requested in ("fused", "gather"):
         return requested
-    return "gather" if current_platform.is_cpu() and cpu_kernels.available() else "fused"
+    kernels = current_platform.is_cpu() and cpu_kernels.available()
+    return bank.auto_bank_path(ckpt.config, hf_config, gather_kernels=kernels)
 
 
 class RemixMLP(LlamaMLP):
@@ -353,7 +353,7 @@ class RemixModelMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.remix_checkpoint = ckpt
         requested = RemixOverrides.from_hf_config(vllm_config.model_config.hf_config).bank_path
-        self.remix_bank_path = resolve_bank_path(requested)
+        self.remix_bank_path = resolve_bank_path(requested, ckpt, hf)
         log.info("remix-serve: %s bank path for %s (requested: %s)", self.remix_bank_path, ckpt.path,
                  requested or "auto")  # fmt: skip
         layers_prefix = f"{maybe_prefix(prefix, 'model')}.layers"

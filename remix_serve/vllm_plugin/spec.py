@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 POOL_ENV = "REMIX_POOL_SERVER"
 # How a one-checkpoint model applies its bank (model.py, RemixMLP): "fused" appends B to the base weights (a dense
 # bank, n*r per token), "gather" keeps the base weights and adds each token's k LoRAs with the pool's kernels;
-# "auto" picks gather where the CPU kernels run, fused elsewhere (model.resolve_bank_path).
+# "auto" gathers a bank that fused would add more than bank.FUSED_MAX_SHARE of the base's work to, where the CPU
+# kernels run; else fused (bank.auto_bank_path, model.resolve_bank_path).
 BankPath = Literal["auto", "fused", "gather"]
 # The one module vLLM's LoRA machinery wraps in a multi-checkpoint model (pool/vllm_hooks.py): --lora-target-modules.
 # Here, not in the package's __init__, so that pool/vllm_hooks.py imports it without an import cycle.

@@ -162,10 +162,18 @@ def test_per_token_routing_agrees_with_reference(tiny_llm, tiny_ckpt: Path):
             assert recorded[layer] == ref[layer][0][0].tolist(), (prompt, layer)
 
 
-def test_auto_bank_path_gathers_where_the_cpu_kernels_run(tiny_llm):
-    from remix_serve.vllm_plugin import cpu_kernels
+def test_auto_bank_path_is_the_rule_and_gathers_the_tiny_checkpoint(tiny_llm, tiny_base: Path, tiny_ckpt: Path):
+    """The module's engines run the gather path (tiny_ckpt's dense bank would add more than FUSED_MAX_SHARE of the
+    tiny base's work); test_fused_bank_path_matches_reference runs the other."""
+    from types import SimpleNamespace
 
-    assert tiny_llm.collective_rpc("remix_bank_path") == ["gather" if cpu_kernels.available() else "fused"]
+    from remix_serve.checkpoint import load_config
+    from remix_serve.vllm_plugin import bank, cpu_kernels
+
+    hf = SimpleNamespace(**json.loads((tiny_base / "config.json").read_text()))
+    expected = bank.auto_bank_path(load_config(tiny_ckpt), hf, gather_kernels=cpu_kernels.available())
+    assert tiny_llm.collective_rpc("remix_bank_path") == [expected]
+    assert expected == ("gather" if cpu_kernels.available() else "fused")
 
 
 def test_fused_bank_path_matches_reference(tiny_base: Path, tiny_ckpt: Path):
