@@ -4,9 +4,9 @@
     .venv/bin/python bench/serve_multi.py --only c --repeats 1
     .venv/bin/python bench/serve_multi.py --quick          # smoke run: every engine, a few seconds of work each
 
-Expected time on 2 cores at the defaults (3 repeats, 1 for (c); SmolLM2-135M, vLLM's CPU engine): about 40
-minutes, of which about 12 are the 28 engine starts (20-30 s each); each further repeat of (c) adds about 17
-minutes (`--c-repeats`). `--quick` takes about 10 minutes (engine starts, mostly; 18 on a machine shared with other jobs).
+Expected time on 2 cores at the defaults (3 repeats, 1 for (c); SmolLM2-135M, vLLM's CPU engine): about 40 minutes, of
+which about 12 are the 28 engine starts (20-30 s each); each further repeat of (c) adds about 17 minutes
+(`--c-repeats`). `--quick` takes about 10 minutes (engine starts, mostly; 18 on a machine shared with other jobs).
 
 (a) one pool engine per checkpoint count (1, 4, 16, 64 checkpoints of n=8 k=2 r=8 on gate/up/down of every layer;
 max_loras = min(count, 32), a pool that holds them all), 32 concurrent requests, request i on checkpoint i mod
