@@ -101,8 +101,9 @@ class RemixMLP(LlamaMLP):
         cfg = vllm_config.model_config.hf_config
         if vllm_config.quant_config is not None:
             raise ValueError(
-                "ReMix serves unquantized base models only: its bank is fused into the base MLP weights "
-                f"(got quantization {vllm_config.model_config.quantization!r})"
+                "ReMix serves unquantized base models only: the fused bank path appends to the base MLP weights, "
+                f"and the gather path has not been tested on quantized ones (got quantization "
+                f"{vllm_config.model_config.quantization!r})"
             )
         self.tp_size, self.tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         bias, rc = getattr(cfg, "mlp_bias", False), ckpt.config
