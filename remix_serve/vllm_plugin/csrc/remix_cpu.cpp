@@ -1199,6 +1199,12 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
   const int64_t HR = unit * R, U = static_cast<int64_t>(tokens.size());
   const int64_t blocks = (N + kTiledCols - 1) / kTiledCols;
   if (static_cast<int64_t>(H.size()) < E * HR) H.resize(E * HR);
+  // Each entry's float32 row in a block's buffer (its token's index in tokens), once per call: a 64-bit division
+  // per entry and block cost about half as much as that entry's multiply-adds.
+  thread_local std::vector<int64_t> row_tl;
+  auto& row_of = row_tl;
+  row_of.resize(E);
+  for (int64_t e = 0; e < E; ++e) row_of[e] = slot_of[entries[e].second / K] * kTiledCols;
   const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const auto* Ap = reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>());
   const auto* Bp = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
@@ -1271,7 +1277,7 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
           for (int64_t i = 0; i < 4; ++i) {
             const int64_t e = std::min(e0 + i, s_end - 1);
             hs[i] = H.data() + e * HR;
-            ds[i] = dblk + slot_of[entries[e].second / K] * kTiledCols;
+            ds[i] = dblk + row_of[e];
           }
           expand4(hs, bb, cur, ds, std::min<int64_t>(4, s_end - e0));
         }
