@@ -1199,8 +1199,8 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
   const int64_t HR = unit * R, U = static_cast<int64_t>(tokens.size());
   const int64_t blocks = (N + kTiledCols - 1) / kTiledCols;
   if (static_cast<int64_t>(H.size()) < E * HR) H.resize(E * HR);
-  // Each entry's float32 row in a block's buffer (its token's index in tokens), once per call: a 64-bit division
-  // per entry and block cost about half as much as that entry's multiply-adds.
+  // Each entry's float32 row in a block's buffer (its token's index in tokens), once per call rather than by a 64-bit
+  // division per entry and column block in the expand's inner loop.
   thread_local std::vector<int64_t> row_tl;
   auto& row_of = row_tl;
   row_of.resize(E);
