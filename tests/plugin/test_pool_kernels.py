@@ -368,3 +368,43 @@ def test_pool_route_rejects_an_out_of_range_slot() -> None:
     slots[2] = 3
     with pytest.raises(RuntimeError, match="slot 3 of token 2 is outside"):
         cpu_kernels.pool_route(x, routers, bias, k, softmax, slots, tables, 2)
+
+
+@pytest.mark.parametrize("path", ["by_page", "tiled", "amx"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skewed_routing_splits_evenly_and_gives_every_thread_count_the_same_bits(path, dtype):
+    """Top-k routing sends most of a prefill's tokens to a few LoRAs: here 90% of the tokens pick LoRA 0, so the
+    shrink's work is one large group that the threads share, cut mid-group at a point that is not a multiple of the
+    four-token tiles (3 threads). Each entry's sums do not depend on where the cut falls: 1, 2 and 3 threads give the
+    same bits, and the reference's result up to one rounding."""
+    if path != "by_page" and dtype != torch.bfloat16:
+        pytest.skip("the tiled and AMX paths take bf16 calls only")
+    if path == "tiled" and not cpu_kernels.tiled_available() or path == "amx" and not cpu_kernels.amx_available():
+        pytest.skip(f"this CPU has no {path} path")
+    T, k, ppl, r_page, D, N, loras = 1101, 2, 2, 8, 160, 96, 12
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    A = (torch.randn(loras * ppl, r_page, D, generator=g) * 0.2).to(dtype)
+    B = (torch.randn(loras * ppl, r_page, N, generator=g) * 0.2).to(dtype)
+    ids = torch.stack([torch.randperm(loras, generator=g)[:k] for _ in range(T)])
+    popular = torch.rand(T, generator=g) < 0.9
+    ids[popular, 0] = 0
+    ids[popular, 1] = torch.where(ids[popular, 1] == 0, 1, ids[popular, 1])
+    pages = (ids[:, :, None] * ppl + torch.arange(ppl)).reshape(T, k * ppl)
+    coef = (torch.rand(T, k, generator=g) + 0.5).repeat_interleave(ppl, dim=1)
+    start = torch.randn(T, N, generator=g).to(dtype)
+    expected = delta.lora_add_reference(start.clone(), x, A, B, pages, coef)
+    was = cpu_kernels.set_amx(path == "amx"), cpu_kernels.set_tiled(path == "tiled")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = start.clone()
+            cpu_kernels.pool_lora_add(out, x, A, B, pages, coef, ppl)
+            results.append(out)
+    finally:
+        torch.set_num_threads(threads)
+        cpu_kernels.set_amx(was[0]), cpu_kernels.set_tiled(was[1])
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    torch.testing.assert_close(results[0], expected, rtol=RTOL[dtype], atol=1e-5)

@@ -530,6 +530,28 @@ struct PageGroups {
   }
 };
 
+// fn(g, e0, e1) for each group g's entries [e0, e1) within the entry range [a, b), in order.
+template <typename F>
+void for_entries(const std::vector<int64_t>& starts, int64_t a, int64_t b, F&& fn) {
+  int64_t g = std::upper_bound(starts.begin(), starts.end(), a) - starts.begin() - 1;
+  for (; a < b; ++g) {
+    const int64_t e1 = std::min(b, starts[g + 1]);
+    fn(g, a, e1);
+    a = e1;
+  }
+}
+
+// A shrink over grouped entries on every thread, each taking an equal share of the entries (for_entries over its
+// share): at::parallel_for's equal split of the groups left one thread with 7/8 of a prefill's entries, since top-k
+// routing sends most tokens to a few LoRAs, and those come first in group order.
+template <typename F>
+void parallel_entries(const std::vector<int64_t>& starts, bool inline_only, F&& fn) {
+  const int64_t E = starts.back(), parts = inline_only ? 1 : std::max(1, at::get_num_threads());
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) for_entries(starts, E * p / parts, E * (p + 1) / parts, fn);
+  });
+}
+
 // pool_lora_add's math, page by page: the (token, pick) entries sorted by page, each page's A and B read once for
 // all the tokens that picked it (a batch's tokens mostly share their checkpoints' pages), the expand split into
 // column blocks so that threads never write the same float32 accumulator. The token loop's result up to the order
@@ -562,39 +584,40 @@ void pool_lora_add_by_page(const torch::Tensor& out, const torch::Tensor& x, con
     const int64_t xrow = x.stride(0), orow = out.stride(0);
     constexpr bool is_float = std::is_same_v<scalar_t, float>, is_bf16 = std::is_same_v<scalar_t, at::BFloat16>;
     // Shrink: h[t, q] = coef[t, q] * A[p] x[t], page by page
-    at::parallel_for(0, G, inline_only ? G : 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> xf(is_float || bf16_dot ? 0 : D), a_page(is_float || bf16_dot ? 0 : R * D);
-      for (int64_t g = g0; g < g1; ++g) {
-        const scalar_t* Aq = Ap + entries[starts[g]].first * R * D;
-        const float* Af = nullptr;
-        if constexpr (is_float) {
-          Af = reinterpret_cast<const float*>(Aq);
-        } else if (!bf16_dot) {
-          to_float(Aq, a_page.data(), R * D);
-          Af = a_page.data();
-        }
-        for (int64_t e = starts[g]; e < starts[g + 1]; ++e) {
-          const int64_t idx = entries[e].second;
-          const scalar_t* xt = X + (idx / K) * xrow;
-          float* he = h.data() + idx * R;
+    thread_local std::vector<float> xf_tl, a_tl;  // float32 copies of x rows and A pages where no bf16 dot
+    parallel_entries(starts, inline_only, [&](int64_t g, int64_t e0, int64_t e1) {
+      auto &xf = xf_tl, &a_page = a_tl;
+      const scalar_t* Aq = Ap + entries[starts[g]].first * R * D;
+      const float* Af = nullptr;
+      if constexpr (is_float) {
+        Af = reinterpret_cast<const float*>(Aq);
+      } else if (!bf16_dot) {
+        xf.resize(D);
+        a_page.resize(R * D);
+        to_float(Aq, a_page.data(), R * D);
+        Af = a_page.data();
+      }
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t idx = entries[e].second;
+        const scalar_t* xt = X + (idx / K) * xrow;
+        float* he = h.data() + idx * R;
 #ifdef REMIX_HAS_BF16_DOT
-          if (bf16_dot) {
-            dot_rows_bf16(reinterpret_cast<const at::BFloat16*>(xt), reinterpret_cast<const at::BFloat16*>(Aq), R, D,
-                          he);
-          } else
+        if (bf16_dot) {
+          dot_rows_bf16(reinterpret_cast<const at::BFloat16*>(xt), reinterpret_cast<const at::BFloat16*>(Aq), R, D,
+                        he);
+        } else
 #endif
-          {
-            const float* xt_f;
-            if constexpr (is_float) {
-              xt_f = reinterpret_cast<const float*>(xt);
-            } else {
-              to_float(xt, xf.data(), D);
-              xt_f = xf.data();
-            }
-            dot_rows(xt_f, Af, R, D, he);
+        {
+          const float* xt_f;
+          if constexpr (is_float) {
+            xt_f = reinterpret_cast<const float*>(xt);
+          } else {
+            to_float(xt, xf.data(), D);
+            xt_f = xf.data();
           }
-          for (int64_t j = 0; j < R; ++j) he[j] *= cf[idx];
+          dot_rows(xt_f, Af, R, D, he);
         }
+        for (int64_t j = 0; j < R; ++j) he[j] *= cf[idx];
       }
     });
     // Expand: acc[t, block] += h[t, q] B[p][:, block], a column block per task, each page's block read once
@@ -1226,24 +1249,22 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
   };
   const bool inline_only = E * HR * (D + N) < 8 * kPoolMacsPerChunk;
   // Shrink: H[e, row] = coef * (A_row . x[t]) for entry e = (t, unit)
-  at::parallel_for(0, G, inline_only ? G : 1, [&](int64_t g0, int64_t g1) {
+  parallel_entries(starts, inline_only, [&](int64_t g, int64_t s, int64_t s_end) {
     const uint16_t* a[kTiledMaxRanks];
     int64_t off[kTiledMaxRanks];
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t rows = unit_rows(g, a, nullptr, off), s = starts[g], s_end = starts[g + 1];
-      for (int64_t e0 = s; e0 < s_end; e0 += 4) {
-        const uint16_t* xs[4];
-        for (int64_t i = 0; i < 4; ++i) xs[i] = X + (entries[std::min(e0 + i, s_end - 1)].second / K) * xrow;
-        for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-          const uint16_t* as[4];
-          float sums[16];
-          for (int64_t j = 0; j < 4; ++j) as[j] = a[std::min(r0 + j, rows - 1)];
-          dot4x4_bf16(xs, as, D, sums);
-          for (int64_t i = 0; i < 4 && e0 + i < s_end; ++i) {
-            const int64_t idx = entries[e0 + i].second;
-            for (int64_t j = 0; j < 4 && r0 + j < rows; ++j)
-              H[(e0 + i) * HR + r0 + j] = sums[4 * i + j] * cf[idx + off[r0 + j]];
-          }
+    const int64_t rows = unit_rows(g, a, nullptr, off);
+    for (int64_t e0 = s; e0 < s_end; e0 += 4) {
+      const uint16_t* xs[4];
+      for (int64_t i = 0; i < 4; ++i) xs[i] = X + (entries[std::min(e0 + i, s_end - 1)].second / K) * xrow;
+      for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        const uint16_t* as[4];
+        float sums[16];
+        for (int64_t j = 0; j < 4; ++j) as[j] = a[std::min(r0 + j, rows - 1)];
+        dot4x4_bf16(xs, as, D, sums);
+        for (int64_t i = 0; i < 4 && e0 + i < s_end; ++i) {
+          const int64_t idx = entries[e0 + i].second;
+          for (int64_t j = 0; j < 4 && r0 + j < rows; ++j)
+            H[(e0 + i) * HR + r0 + j] = sums[4 * i + j] * cf[idx + off[r0 + j]];
         }
       }
     }
