@@ -123,7 +123,8 @@ def pool_lora_add(
     """Add the adapter pool's per-token LoRA delta into `out` in place: `pool.delta.lora_add_reference`'s result.
 
     Each token of a mixed batch brings its own pages (its checkpoint's top-k LoRAs, in rank-chunk pages) and a
-    coefficient per page; page -1 is skipped, and a token whose pages are all -1 (a base-model token) is left
+    coefficient per page (in a bf16 call, its `coef * (A x)` is rounded to bf16 before the expand, as in the
+    reference); page -1 is skipped, and a token whose pages are all -1 (a base-model token) is left
     bit-identical. Only the listed pages are read, so a call costs the same whatever the checkpoints' n and however
     many checkpoints the pool holds. The reference gathers and copies every page it uses and runs two batched GEMMs
     per page slot; this reads each page once, accumulates in float32 and rounds once into `out`. `out` `[T, N]`

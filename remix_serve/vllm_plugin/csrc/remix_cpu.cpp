@@ -464,6 +464,17 @@ void axpy_rows_bf16(const float* h, const at::BFloat16* b, int64_t rows, int64_t
   axpy_rows_bf16_scalar(h, b, rows, N, ld, acc);
 }
 
+// h = coef * (A x) as every pool_lora_add path hands it to the expand: in a bf16 call, rounded to bf16, as a LoRA
+// GEMM's output is (PEFT, vLLM's LoRA kernels), so that the tiled expand multiplies bf16 pairs; float32 and float16
+// calls keep float32 h. pool/delta.py's reference rounds the same way.
+template <typename scalar_t>
+inline float round_h(float h) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+    return static_cast<float>(static_cast<at::BFloat16>(h));
+  else
+    return h;
+}
+
 // Tokens from which pool_lora_add works page by page (pool_lora_add_by_page), and the output columns one expand
 // block holds: a page's B rows of one block (r_page * 128 values) stay in L1 while every token that picked the page
 // adds them. Below kPageMajorMinTokens a token's own loop over its pages is as fast and needs no sort.
@@ -617,7 +628,7 @@ void pool_lora_add_by_page(const torch::Tensor& out, const torch::Tensor& x, con
           }
           dot_rows(xt_f, Af, R, D, he);
         }
-        for (int64_t j = 0; j < R; ++j) he[j] *= cf[idx];
+        for (int64_t j = 0; j < R; ++j) he[j] = round_h<scalar_t>(he[j] * cf[idx]);
       }
     });
     // Expand: acc[t, block] += h[t, q] B[p][:, block], a column block per task, each page's block read once
@@ -687,9 +698,10 @@ inline float bits_to_float(uint32_t u) {
 // (gathered) x A_u^T [in, ranks], the expand h [16, ranks] x B_u [ranks, 32 columns] into one float32 row per (token,
 // unit), which are summed per token in pick order and rounded once into out. The expand's h is split exactly into
 // bfloat16 parts (h = hi + mid + lo by truncation, 8 significant bits each) stacked along the contraction against
-// B_u once per part: a tile multiply costs the same for a contraction of 8 or 32 (two multiplies past 10 ranks), so
-// the products are those of float32 h at no extra cost, and the result is the AVX-512 paths' up to the order of
-// the float32 sums.
+// B_u once per part. That kept float32 h at no extra cost below 11 ranks; since h is rounded to bf16 first (round_h,
+// the contract), mid and lo are zero, and taking hi alone would save a tile multiply past 10 ranks (left for a
+// machine with AMX to test). The result is the AVX-512 paths' up to the order of the float32 sums (and where that
+// order moves an h across a bf16 rounding boundary, one bf16 spacing of it).
 
 // Whether the CPU has AMX-BF16 and Linux let this process use the tile state (each process must ask once).
 bool cpu_has_amx_bf16() {
@@ -870,7 +882,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void amx_
         uint16_t* he = H + (e0 + r) * call.KH;
         for (int64_t j = 0; j < ranks; ++j) {  // exact split by truncation
           const int64_t i = r * ranks + j;
-          float h = ((prod[i] + prod[tile + i]) + (prod[2 * tile + i] + prod[3 * tile + i])) * call.cf[idx + j / R];
+          float h = round_h<at::BFloat16>(((prod[i] + prod[tile + i]) + (prod[2 * tile + i] + prod[3 * tile + i])) *
+                                          call.cf[idx + j / R]);
           for (int64_t part = 0; part < 3; ++part) {
             const uint32_t top = float_bits(h) & 0xffff0000u;
             he[part * ranks + j] = static_cast<uint16_t>(top >> 16);
@@ -1081,10 +1094,12 @@ bool pool_lora_add_amx(const torch::Tensor& out, const torch::Tensor& x, const t
 // (token, page): at a 480-token prompt the delta cost a third of the base model's layers. Here the work is grouped
 // by unit as on AMX (one pick's pages, up to kTiledMaxRanks rank rows, else one page) and a unit's tokens go four at
 // a time, so that each load serves four products. Shrink: 4 tokens x 4 rank rows, 16 vdpbf16ps accumulators along
-// `in` (exact products, float32 sums), summed across lanes by one shuffle tree. Expand: the unit's B rows of a
-// kTiledCols-column block widened to float32 once per call, then 4 tokens x kTiledCols columns held in 16 registers
-// over the unit's ranks with float32 h (as the reference), added into the token's float32 row; each row is rounded
-// once into out when every unit of its block is done. The by-page path's result up to the order of float32 sums.
+// `in` (exact products, float32 sums), summed across lanes by one shuffle tree, h rounded to bf16 (round_h). Expand:
+// the unit's B rows of a kTiledCols-column block packed into rank pairs once per call, then 4 tokens x kTiledCols
+// columns held in 16 registers over the unit's rank pairs (vdpbf16ps: two ranks' exact products per instruction, half
+// the instructions of float32 FMAs), added into the token's float32 row; each row is rounded once into out when every
+// unit of its block is done. The by-page path's result up to the order of float32 sums (and where that order moves an
+// h across a bf16 rounding boundary, one bf16 spacing of it).
 constexpr int64_t kTiledCols = 64, kTiledMaxRanks = 32;
 // Tokens per call chunk: a unit's B rows are read and widened once per chunk (at n=64 a 480-token prompt's LoRAs are
 // picked by about 15 tokens each, so larger chunks read B less often), and a block's float32 rows (chunk x kTiledCols x
@@ -1146,19 +1161,21 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16"))) void dot4x4_bf16
   _mm512_storeu_ps(out, sum_lanes16(acc));
 }
 
-// ds[i][0 .. kTiledCols) += sum_r hs[i][r] * bb[r], for four tokens i (float32 h, B rows already widened).
-__attribute__((target("avx512f"))) void expand4(const float* const* hs, const float* bb, int64_t rows,
-                                                 float* const* ds, int64_t m) {
+// ds[i][0 .. kTiledCols) += sum_r hs[i][r] * bb[r] for four tokens i, over rank pairs: hs[i][p] holds h's ranks 2p
+// and 2p+1 as a bf16 pair, bb[p] the unit's B rows 2p and 2p+1 of the block as bf16 pairs, column by column, so
+// that one vdpbf16ps adds two ranks' exact products into 16 float32 columns (half the instructions of float32 FMAs).
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void expand4(const uint32_t* const* hs, const uint32_t* bb,
+                                                                    int64_t pairs, float* const* ds, int64_t m) {
   constexpr int V = kTiledCols / kLanes;
   __m512 acc[4][V];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
-  for (int64_t r = 0; r < rows; ++r) {
-    __m512 b[V];
-    for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(bb + r * kTiledCols + v * kLanes);
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh b[V];
+    for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_load_si512(bb + p * kTiledCols + v * kLanes);
     for (int i = 0; i < 4; ++i) {
-      const __m512 h = _mm512_set1_ps(hs[i][r]);
-      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(h, b[v], acc[i][v]);
+      const __m512bh h = (__m512bh)_mm512_set1_epi32(static_cast<int>(hs[i][p]));
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], h, b[v]);
     }
   }
   for (int64_t i = 0; i < m; ++i)  // in order: two entries of one token (a page listed twice) add to the same row
@@ -1166,15 +1183,20 @@ __attribute__((target("avx512f"))) void expand4(const float* const* hs, const fl
       _mm512_storeu_ps(ds[i] + v * kLanes, _mm512_add_ps(_mm512_loadu_ps(ds[i] + v * kLanes), acc[i][v]));
 }
 
-// bb[r][0 .. kTiledCols) = float(row r's columns [c0, c0 + n)), zero past n.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void widen_block(const uint16_t* const* rows, int64_t nrows,
-                                                                       int64_t c0, int64_t n, float* bb) {
-  for (int64_t r = 0; r < nrows; ++r)
+// bb[p][c] = (row 2p's column c0 + c, row 2p+1's) as a bf16 pair (low half, high half), for c < kTiledCols: zeros
+// past n columns and in the high half past nrows rows.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_pairs(const uint16_t* const* rows, int64_t nrows,
+                                                                      int64_t c0, int64_t n, uint32_t* bb) {
+  for (int64_t r = 0; r < nrows; r += 2)
     for (int64_t v = 0; v < kTiledCols; v += kLanes) {
       const int64_t left = std::max<int64_t>(0, std::min<int64_t>(kLanes, n - v));
       const __mmask16 m = left == kLanes ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      _mm512_storeu_ps(bb + r * kTiledCols + v,
-                       load_bf16_masked(reinterpret_cast<const at::BFloat16*>(rows[r] + c0 + v), m));
+      __m512i pair = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, rows[r] + c0 + v));
+      if (r + 1 < nrows) {
+        const __m512i high = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, rows[r + 1] + c0 + v));
+        pair = _mm512_or_si512(pair, _mm512_slli_epi32(high, 16));
+      }
+      _mm512_store_si512(bb + (r / 2) * kTiledCols + v, pair);
     }
 }
 
@@ -1206,7 +1228,7 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
                          const torch::Tensor& B, const int64_t* pg, const float* cf, int64_t K, int64_t pages_per_pick) {
   const int64_t T = out.size(0), N = out.size(1), D = x.size(1), R = A.size(1);
   thread_local PageGroups groups_tl;
-  thread_local std::vector<float> h_tl;
+  thread_local std::vector<uint16_t> h_tl;
   auto& groups = groups_tl;
   auto& H = h_tl;
   int64_t unit = pages_per_pick > 1 && pages_per_pick * R <= kTiledMaxRanks ? pages_per_pick : 1;
@@ -1219,9 +1241,10 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
   const int64_t E = static_cast<int64_t>(entries.size()), G = static_cast<int64_t>(starts.size()) - 1;
   if (E == 0) return true;
   if (E < kTiledMinEntriesPerUnit * G) return false;
-  const int64_t HR = unit * R, U = static_cast<int64_t>(tokens.size());
+  // H: each entry's h, bf16, rank pairs (an odd unit's last pair zero-padded)
+  const int64_t HR = unit * R, HP = (HR + 1) / 2, U = static_cast<int64_t>(tokens.size());
   const int64_t blocks = (N + kTiledCols - 1) / kTiledCols;
-  if (static_cast<int64_t>(H.size()) < E * HR) H.resize(E * HR);
+  if (static_cast<int64_t>(H.size()) < E * 2 * HP) H.resize(E * 2 * HP);
   // Each entry's float32 row in a block's buffer (its token's index in tokens), once per call rather than by a 64-bit
   // division per entry and column block in the expand's inner loop.
   thread_local std::vector<int64_t> row_tl;
@@ -1248,7 +1271,7 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
     return rows;
   };
   const bool inline_only = E * HR * (D + N) < 8 * kPoolMacsPerChunk;
-  // Shrink: H[e, row] = coef * (A_row . x[t]) for entry e = (t, unit)
+  // Shrink: H[e, row] = bf16(coef * (A_row . x[t])) for entry e = (t, unit), rounded as the contract says
   parallel_entries(starts, inline_only, [&](int64_t g, int64_t s, int64_t s_end) {
     const uint16_t* a[kTiledMaxRanks];
     int64_t off[kTiledMaxRanks];
@@ -1264,16 +1287,18 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
         for (int64_t i = 0; i < 4 && e0 + i < s_end; ++i) {
           const int64_t idx = entries[e0 + i].second;
           for (int64_t j = 0; j < 4 && r0 + j < rows; ++j)
-            H[(e0 + i) * HR + r0 + j] = sums[4 * i + j] * cf[idx + off[r0 + j]];
+            H[(e0 + i) * 2 * HP + r0 + j] = at::BFloat16(sums[4 * i + j] * cf[idx + off[r0 + j]]).x;  // round_h
         }
       }
+      if (rows % 2 == 1)  // the last pair's high half (its B row is zero too, but garbage could be a NaN)
+        for (int64_t i = 0; i < 4 && e0 + i < s_end; ++i) H[(e0 + i) * 2 * HP + rows] = 0;
     }
   });
   // Expand, a column block per task: delta rows += h B, then out = round(out + delta), the one rounding
   at::parallel_for(0, blocks, inline_only ? blocks : 1, [&](int64_t b0, int64_t b1) {
     const uint16_t* b[kTiledMaxRanks];
     int64_t off[kTiledMaxRanks];
-    alignas(64) float bb[kTiledMaxRanks * kTiledCols];
+    alignas(64) uint32_t bb[kTiledMaxRanks / 2 * kTiledCols];
     // The block's float32 rows, token after token: one buffer per task, reused block after block, so that it
     // stays in L2 (one per block was the whole [tokens, N] delta, megabytes, streamed through L3 per call).
     thread_local std::vector<float> delta_tl;
@@ -1285,7 +1310,7 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
       int64_t rows = G > 0 ? unit_rows(0, nullptr, b, off) : 0;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t s = starts[g], s_end = starts[g + 1], cur = rows;
-        widen_block(b, cur, c0, n, bb);
+        pack_pairs(b, cur, c0, n, bb);
         if (g + 1 < G) {  // the next unit's rows of this block are scattered over the pool: fetch them meanwhile
           rows = unit_rows(g + 1, nullptr, b, off);
           for (int64_t r = 0; r < rows; ++r)
@@ -1293,14 +1318,14 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
               _mm_prefetch(reinterpret_cast<const char*>(b[r] + c0) + c, _MM_HINT_T0);
         }
         for (int64_t e0 = s; e0 < s_end; e0 += 4) {
-          const float* hs[4];
+          const uint32_t* hs[4];
           float* ds[4];
           for (int64_t i = 0; i < 4; ++i) {
             const int64_t e = std::min(e0 + i, s_end - 1);
-            hs[i] = H.data() + e * HR;
+            hs[i] = reinterpret_cast<const uint32_t*>(H.data() + e * 2 * HP);
             ds[i] = dblk + row_of[e];
           }
-          expand4(hs, bb, cur, ds, std::min<int64_t>(4, s_end - e0));
+          expand4(hs, bb, (cur + 1) / 2, ds, std::min<int64_t>(4, s_end - e0));
         }
       }
       for (int64_t u = 0; u < U; ++u) {  // out's rows are far apart: fetch a few tokens ahead
@@ -1317,7 +1342,8 @@ bool pool_lora_add_tiled(const torch::Tensor& out, const torch::Tensor& x, const
 #endif
 
 // out[t] += sum_q coef[t, q] * (x[t] A[p]^T) B[p], p = pages[t, q], page -1 skipped: pool/delta.py's
-// lora_add_reference, the contract (float32 accumulation, one rounding into out per token). A token reads only
+// lora_add_reference, the contract (in a bf16 call h = coef * (x A^T) rounded to bf16, round_h; float32
+// accumulation, one rounding into out per token). A token reads only
 // its own listed pages, K * r_page * (in + N) values, whatever the pool's size; a token whose pages are all -1 is
 // not touched. out and x may be column slices (contiguous rows at any stride). bf16 dots use AVX512-BF16 on x and
 // A as they are; otherwise x[t] is widened once per token and A pages not in float32 once per page. bf16 calls of
@@ -1436,7 +1462,7 @@ void pool_lora_add(const torch::Tensor& out, const torch::Tensor& x, const torch
             dot_rows(xt_f, Af, R, D, h.data());
           }
           const float c = cf[t * K + q];
-          for (int64_t j = 0; j < R; ++j) h[j] *= c;
+          for (int64_t j = 0; j < R; ++j) h[j] = round_h<scalar_t>(h[j] * c);
           if constexpr (is_float) {
             axpy_rows(h.data(), reinterpret_cast<const float*>(Bq), R, N, N, acc.data());
           } else if constexpr (is_bf16) {

@@ -6,6 +6,8 @@ become pages through its slot's page table. `lora_add_reference`: the LoRA delta
 token of a mixed batch at once. Each token brings its own pages (its checkpoint's top-k LoRAs, `ceil(r / r_page)`
 rank-chunk pages each) and a coefficient per page (1 for ReMix, whose omega is folded into B; the renormalised
 softmax weight for softmax checkpoints); page -1 is skipped, so base-model tokens and unused picks cost nothing.
+In a bf16 call `coef * (A x)` is rounded to bf16 before the expand; the sums are float32 and out is rounded once
+per token.
 Work per token is `K * r_page * (in + out)` whatever the checkpoints' n.
 
 Store layout (`AdapterPool` in `pool/model.py` allocates it once): `A [P, r_page, in]` holds rank rows of A, and
@@ -33,6 +35,10 @@ def lora_add_reference(
 ) -> torch.Tensor:
     """Add the pool delta into `out` in place (PyTorch ops; float32 accumulation, one rounding to out's dtype).
 
+    In a bf16 call `h = coef * (A x)` is rounded to bf16 before the expand, as PEFT's LoRA layers and vLLM's LoRA
+    kernels round theirs: the CPU kernel's expand then multiplies bf16 pairs, half the instructions of float32 h
+    (`csrc/remix_cpu.cpp`). float32 and float16 calls keep float32 h.
+
     Args:
         out: `[T, out]`, may be a column slice of a wider tensor.
         x: `[T, in]`.
@@ -54,6 +60,8 @@ def lora_add_reference(
         delta = torch.zeros(stop - start, out.shape[1], dtype=torch.float32, device=out.device)
         for q in range(K):
             h = torch.bmm(A[p[:, q]].float(), xs[:, :, None])[:, :, 0] * c[:, q : q + 1]  # [t, r_page]
+            if x.dtype == torch.bfloat16:  # rounded, as a LoRA GEMM's output is
+                h = h.bfloat16().float()
             delta += torch.bmm(h[:, None, :], B[p[:, q]].float())[:, 0]  # [t, out]
         out[start:stop] = (out[start:stop].float() + delta).to(out.dtype)
     return out

@@ -5,8 +5,8 @@ GEMV-like (`K * r_page * (in + out)`, each token with its own pages), so the ker
 with `tl.sum` in float32, no `tl.dot` (which also keeps them correct in bfloat16 under `TRITON_INTERPRET=1`, where
 bfloat16 `tl.dot` is wrong):
 
-- shrink, grid `(T, K, cdiv(r_page, BLOCK_R))`: `h[t, q, r] = coef[t, q] * A[p, r, :] . x[t]` in float32, zeros
-  where p < 0 (and A is not read);
+- shrink, grid `(T, K, cdiv(r_page, BLOCK_R))`: `h[t, q, r] = coef[t, q] * A[p, r, :] . x[t]` in float32 (rounded
+  to bf16 in a bf16 call, as the reference rounds it); zeros where p < 0 (and A is not read);
 - expand, grid `(T, cdiv(N, BLOCK_N))`: each program sums `h[t, q, :] @ B[p, :, block]` over q in float32 and adds
   it into out's block once (no atomics: one program owns each output element). A row whose pages are all -1 is
   not written at all, so base-model tokens keep their exact bits (even -0.0).
@@ -68,6 +68,8 @@ def _shrink_kernel(
         acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
     c = tl.load(coef_ptr + t * sc_t + q * sc_k).to(tl.float32)
     acc = acc * tl.where(valid, c, 0.0)  # a skipped page's coef (anything) never reaches h
+    if x_ptr.dtype.element_ty == tl.bfloat16:  # rounded to bf16, as the reference does
+        acc = acc.to(tl.bfloat16).to(tl.float32)
     tl.store(h_ptr + t * sh_t + q * sh_k + rows, acc, mask=rows < R)
 
 
